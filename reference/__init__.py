@@ -1,0 +1,1 @@
+"""Slow, obviously-correct oracles used by the tests; never imported by skipvision/."""

@@ -1,0 +1,117 @@
+"""Generation as small functions: sample, prefill, decode_step, generate.
+
+Batches are left-padded; every row's next position is one past its own last prompt
+position (taken from the prefill's positions, never from the cache length). Skip-KV plugs in
+at one place (grep "skip-vision hook"): after prefill, the skipped tokens leave the cache.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .kv_cache import KVCache
+from .llama import FOREVER
+from .vlm import LMInput, Llava
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V). temperature 0 is greedy (argmax)."""
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None
+                                                                           and top_k < 1):
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
+                         f"{temperature}, {top_p}, {top_k}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model: Llava, inp: LMInput, cache: KVCache) -> torch.Tensor:
+    """Run the prompt, filling the cache; returns the last position's logits (B, V)."""
+    return model.logits(model.run(inp, cache)[:, -1])
+
+
+def decode_step(model: Llava, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache):
+    """One token per row, tokens (B,) at positions (B,) -> logits (B, V)."""
+    x = model.language_model.model.embed_tokens(tokens[:, None])  # (B, 1, C)
+    pos = pos[:, None]
+    h = model.language_model.model(x, pos, torch.full_like(pos, FOREVER), cache)
+    return model.logits(h[:, -1])
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, N) new tokens; after a row's EOS, filled with that EOS
+    lengths: torch.Tensor  # (B,) new tokens per row, EOS included
+    prompt_tokens: int  # prefill length (padded), after Skip-Vision's rearrangement
+    stats: dict = field(default_factory=dict)  # seconds and cache bytes
+
+
+@torch.inference_mode()
+def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, eos_ids=None, skip=None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> Generation:
+    """Prefill then decode until every row emitted an EOS or `max_new_tokens` were made.
+
+    input_ids (B, T) left-padded, image tokens expanded; `skip` a skip.SkipConfig or None.
+    `on_token(tokens)` receives each step's (B,) tokens as they come (streaming).
+    """
+    eos_ids = model.cfg.text.eos_ids if eos_ids is None else tuple(eos_ids)
+    device = input_ids.device
+    stats = {}
+    t0 = time.perf_counter()
+    inp = model.prepare(input_ids, pixel_values, attention_mask, skip=skip)
+    cache = KVCache(model.cfg.text.num_hidden_layers)
+    logits = prefill(model, inp, cache)
+    stats["kv_bytes_prefill"] = cache.nbytes()
+    if inp.layout is not None and skip.kv == "evict":  # skip-vision hook: Skip-KV (sec. 3.4)
+        cache.keep(~inp.layout.skipped)
+    stats["kv_bytes_after_prefill"] = cache.nbytes()
+    pos = inp.pos.max(dim=1).values + 1  # (B,) one past each row's last prompt position
+    B = input_ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out, lengths = [], torch.zeros(B, dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        if step > 0:
+            tok = torch.where(done, out[-1], tok)
+        else:
+            _sync(device)
+            stats["time_to_first_token_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+        out.append(tok)
+        lengths += (~done).long()
+        done = done | torch.isin(tok, eos)
+        if on_token is not None:
+            on_token(tok)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = decode_step(model, tok, pos, cache)
+        pos = pos + 1
+    _sync(device)
+    if out:
+        stats["decode_s"] = time.perf_counter() - t1
+    stats["kv_bytes_final"] = cache.nbytes()
+    tokens = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+    return Generation(tokens, lengths, inp.embeds.shape[1], stats)

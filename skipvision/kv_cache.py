@@ -1,0 +1,67 @@
+"""KV cache: post-RoPE keys/values per layer plus each slot's position and horizon.
+
+A plain object, created by `generate` and passed to the model; no module owns it. Positions
+and horizons are shared by all layers (every layer caches the same tokens). Keys are stored
+after RoPE, so removing slots (Skip-KV eviction) never changes a kept key; new queries take
+their positions from the caller, never from the number of cached slots.
+
+Shapes: B batch, Hkv kv heads, S slots, D head dim.
+"""
+from __future__ import annotations
+
+import torch
+
+from .llama import NEVER
+
+
+class KVCache:
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.pos: torch.Tensor | None = None  # (B, S) long
+        self.horizon: torch.Tensor | None = None  # (B, S) long, NEVER for padding slots
+
+    def __len__(self) -> int:
+        return 0 if self.pos is None else self.pos.shape[1]
+
+    def extend(self, pos: torch.Tensor, horizon: torch.Tensor):
+        """Register new slots; returns positions and horizons of all slots, (B, S) each."""
+        if self.pos is None:
+            self.pos, self.horizon = pos, horizon
+        else:
+            self.pos = torch.cat([self.pos, pos], dim=1)
+            self.horizon = torch.cat([self.horizon, horizon], dim=1)
+        return self.pos, self.horizon
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append (B, Hkv, T, D) keys/values of one layer; returns all (B, Hkv, S, D)."""
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep only the slots where mask (B, S) is True, in order, in every layer.
+
+        Rows may keep different counts: each row is compacted to the left and padded on the
+        right to the longest row with invisible slots (horizon NEVER). The old tensors are
+        released, so the memory is really freed (SPEC.md sec. 2.7).
+        """
+        B, S = self.pos.shape
+        n_keep = mask.sum(1)
+        width = int(n_keep.max()) if B else 0
+        # stable order: kept slots first (in their original order), then the rest
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, W)
+        filler = torch.arange(width, device=mask.device)[None] >= n_keep[:, None]  # (B, W)
+        self.pos = self.pos.gather(1, order)
+        self.horizon = self.horizon.gather(1, order).masked_fill(filler, NEVER)
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            if k is None:
+                continue
+            idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, Hkv, W, D)
+            self.k[i], self.v[i] = k.gather(2, idx), v.gather(2, idx)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values (all layers)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

@@ -1,0 +1,131 @@
+"""Shared test helpers: tiny transformers LLaVA models, weight randomisation, comparisons."""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from skipvision import Llava, from_hf
+from skipvision.keys import is_ignored, map_key
+
+
+def randomize_(model: torch.nn.Module, seed: int, scale: float = 1.0) -> torch.nn.Module:
+    """Overwrite every parameter from a seeded generator, with O(1) activations throughout.
+
+    Matrices ~ N(0, scale^2 / fan_in), norm gains ~ 1 + 0.2 N, biases and embeddings ~ N(0, s).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if "norm" in name and p.dim() == 1 and name.endswith("weight"):
+                v = 1 + 0.2 * r
+            elif p.dim() == 1 or "embed" in name:
+                v = 0.5 * r
+            else:
+                fan_in = math.prod(p.shape[1:])
+                v = scale * r / math.sqrt(fan_in)
+            p.copy_(v.to(p.dtype))
+    return model
+
+
+@st.composite
+def hf_specs(draw, max_layers: int = 3):
+    """Tiny LLaVA geometries covering the options a LLaVA checkpoint can take."""
+    heads = draw(st.integers(1, 4), label="heads")
+    kv = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]), label="kv")
+    head_dim = draw(st.sampled_from([2, 4, 8]), label="head_dim")
+    width = heads * draw(st.sampled_from([head_dim, 2, 6]), label="width_per_head")
+    v_heads = draw(st.integers(1, 3), label="v_heads")
+    v_layers = draw(st.integers(1, 3), label="v_layers")
+    patch = draw(st.integers(2, 5), label="patch")
+    grid = draw(st.integers(1, 3), label="grid")
+    rope_type = draw(st.sampled_from(["default", "linear", "llama3"]), label="rope")
+    rope = {"rope_type": rope_type, "rope_theta": draw(st.sampled_from([10.0, 1e4, 5e5]))}
+    if rope_type == "linear":
+        rope["factor"] = draw(st.sampled_from([2.0, 4.0]))
+    if rope_type == "llama3":
+        rope.update(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=draw(st.sampled_from([4, 16, 64])))
+    vocab = draw(st.integers(40, 90), label="vocab")
+    return dict(
+        text=dict(hidden_size=width, intermediate_size=draw(st.sampled_from([8, 16, 36])),
+                  num_hidden_layers=draw(st.integers(1, max_layers), label="layers"),
+                  num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+                  vocab_size=vocab, rms_norm_eps=draw(st.sampled_from([1e-5, 1e-6])),
+                  rope_parameters=rope, max_position_embeddings=128,
+                  tie_word_embeddings=draw(st.booleans(), label="tied")),
+        vision=dict(hidden_size=4 * v_heads, intermediate_size=12, num_hidden_layers=v_layers,
+                    num_attention_heads=v_heads, image_size=patch * grid, patch_size=patch),
+        image_token_id=vocab - 1,
+        vision_feature_layer=draw(st.integers(-(v_layers + 1), v_layers), label="feature_layer"),
+        vision_feature_select_strategy=draw(st.sampled_from(["default", "full"])),
+    )
+
+
+def build_hf(spec: dict, seed: int, dtype=torch.float64):
+    """A transformers LlavaForConditionalGeneration with randomised weights."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    text = LlamaConfig(**spec["text"])
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=text,
+                      image_token_id=spec["image_token_id"],
+                      vision_feature_layer=spec["vision_feature_layer"],
+                      vision_feature_select_strategy=spec["vision_feature_select_strategy"],
+                      tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    randomize_(hf, seed)
+    if dtype == torch.float64:
+        from reference.hf_float64 import make_float64
+        ours = from_hf(cfg.to_dict())
+        make_float64(hf, ours.text.rope, ours.text.head_dim)
+    else:
+        hf.to(dtype)
+    return hf
+
+
+def ours_from_hf(hf) -> Llava:
+    """Our model with `hf`'s weights (transformers 5 in-memory names mapped by keys.py)."""
+    model = Llava(from_hf(hf.config.to_dict())).eval()
+    sd = {map_key(k): v for k, v in hf.state_dict().items() if not is_ignored(k)}
+    if model.cfg.text.tie_word_embeddings:
+        sd.pop("language_model.lm_head.weight", None)
+        sd["language_model.lm_head.weight"] = sd["language_model.model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True)
+    dtype = next(hf.parameters()).dtype
+    return model.to(dtype)
+
+
+def llava_inputs(cfg, seed: int, lengths, n_images_per_row=1, dtype=torch.float64):
+    """Left-padded prompts (B, T) with `n_images_per_row` expanded images at random places.
+
+    Returns input_ids, attention_mask (long), position_ids, pixel_values (I, 3, S, S).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_img = cfg.image_seq_length
+    rows = []
+    for L in lengths:
+        text = torch.randint(0, cfg.text.vocab_size - 1, (L,), generator=g)
+        text[text == cfg.image_token_id] = 0
+        pieces, cut = [], sorted(torch.randint(0, L + 1, (n_images_per_row,), generator=g).tolist())
+        prev = 0
+        for c in cut:
+            pieces += [text[prev:c], torch.full((n_img,), cfg.image_token_id)]
+            prev = c
+        rows.append(torch.cat(pieces + [text[prev:]]))
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    S = cfg.vision.image_size
+    px = torch.randn(len(rows) * n_images_per_row, 3, S, S, generator=g, dtype=torch.float64)
+    return ids, mask, pos, px.to(dtype)
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = ""):
+    diff = (a.double() - b.double()).abs()
+    worst = diff.max().item() if diff.numel() else 0.0
+    assert worst <= atol, f"{what}: max |diff| {worst:.3e} > {atol:.1e} (mean {diff.mean():.3e})"
