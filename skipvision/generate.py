@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .kv_cache import KVCache
-from .llama import FOREVER
+from .kv_cache import FOREVER
 from .vlm import LMInput, Llava
 
 

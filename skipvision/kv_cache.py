@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .llama import NEVER
+NEVER = -1  # horizon of a padding slot: visible to no query
+FOREVER = torch.iinfo(torch.int64).max  # horizon of an ordinary token
 
 
 class KVCache:

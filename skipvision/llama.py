@@ -23,11 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RopeConfig, TextConfig
+from .kv_cache import FOREVER
 from .skip import skip_ffn
 from .vision import activation
-
-NEVER = -1  # horizon of a padding slot
-FOREVER = torch.iinfo(torch.int64).max  # horizon of an ordinary token
 
 
 class RMSNorm(nn.Module):

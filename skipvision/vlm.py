@@ -20,7 +20,8 @@ from torch import nn
 
 from . import skip as skipvision
 from .config import LlavaConfig
-from .llama import FOREVER, NEVER, LlamaForCausalLM
+from .kv_cache import FOREVER, NEVER
+from .llama import LlamaForCausalLM
 from .projector import MultiModalProjector
 from .vision import VisionTower
 
@@ -83,7 +84,7 @@ class Llava(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        if skip is not None and skip.enabled:  # skip-vision hook: split, merge, summary, layout
+        if skip is not None:  # skip-vision hook: split, merge, summary, layout
             return skipvision.prepare(self, input_ids, pixel_values, attention_mask, skip,
                                       position_ids)
         embeds = self.embed_text(input_ids)
