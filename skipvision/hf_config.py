@@ -1,11 +1,14 @@
-"""Read and write Hugging Face `config.json` dicts for LLaVA (llava-hf layout).
+"""Read and write Hugging Face `config.json` dicts for LLaVA: llava-hf and original LLaVA.
 
 Hub configs are sparse: `llava-hf/llava-1.5-7b-hf` gives only five `text_config` fields and
 omits `hidden_act` and `layer_norm_eps` from `vision_config` (SPEC.md section 1). Missing
 fields take the defaults of the matching `transformers` config class, which are the
 dataclass defaults in `config.py`; a missing `vision_config` takes `LlavaConfig`'s CLIP
 ViT-L/14-336. Both RoPE spellings are read: `rope_theta` + `rope_scaling` (transformers 4)
-and `rope_parameters` (transformers 5).
+and `rope_parameters` (transformers 5); both dtype spellings: `torch_dtype` and `dtype`.
+
+The original LLaVA format (`liuhaotian/llava-v1.5-7b`) is a flat `LlamaConfig` plus `mm_*`
+fields; its vision geometry lives in the CLIP repo named by `mm_vision_tower`.
 """
 from __future__ import annotations
 
@@ -16,11 +19,32 @@ from .config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 # transformers.LlavaConfig builds this CLIPVisionConfig when vision_config is absent.
 LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                             num_attention_heads=16, image_size=336, patch_size=14)
+TEXT_MODEL_TYPES = (None, "llama")  # the decoder in llama.py
+VISION_MODEL_TYPES = (None, "clip_vision_model")  # the tower in vision.py
+
+ORIGINAL_IMAGE_TOKEN = -200  # IMAGE_TOKEN_INDEX of the original LLaVA code: not a vocab id
+ORIGINAL_FEATURES = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature
+ORIGINAL_PROJECTORS = {"mlp2x_gelu": "gelu"}  # mm_projector_type -> projector activation
+ORIGINAL_ASPECT = (None, "square", "pad")  # image_aspect_ratio values we implement
 
 
 def _fields(cls, d: dict) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in d.items() if k in names and v is not None}
+
+
+def _need(ok: bool, message: str):
+    if not ok:
+        raise ValueError(message)
+
+
+def checkpoint_dtype(d: dict) -> str | None:
+    """The dtype the weights were saved in (`dtype`, or the older `torch_dtype`), or None."""
+    for where in (d, d.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(where.get(key), str):
+                return where[key]
+    return None
 
 
 def rope_from_hf(text: dict) -> RopeConfig:
@@ -49,9 +73,18 @@ def vision_from_hf(vision: dict | None) -> VisionConfig:
 
 def from_hf(d: dict) -> LlavaConfig:
     """A llava-hf `config.json` dict (any transformers version) -> LlavaConfig."""
-    if d.get("model_type") not in (None, "llava"):
-        raise ValueError(f"expected a llava config, got model_type {d.get('model_type')!r}")
-    text = d.get("text_config") or {}
+    _need(d.get("model_type") in (None, "llava"),
+          f"expected a llava config, got model_type {d.get('model_type')!r}")
+    text = dict(d.get("text_config") or {})
+    vision = d.get("vision_config")
+    _need(text.get("model_type") in TEXT_MODEL_TYPES,
+          f"text_config.model_type {text.get('model_type')!r} is not supported: the language "
+          "model here is LLaMA-architecture only")
+    _need(vision is None or vision.get("model_type") in VISION_MODEL_TYPES,
+          f"vision_config.model_type {(vision or {}).get('model_type')!r} is not supported: the "
+          "vision tower here is a CLIP ViT")
+    if text.get("pad_token_id") is None and d.get("pad_token_id") is not None:
+        text["pad_token_id"] = d["pad_token_id"]  # llava-1.5-7b-hf keeps it at the top level
     kw = {}
     for ours, theirs in [("image_token_id", "image_token_id"), ("image_token_id", "image_token_index"),
                          ("vision_feature_layer", "vision_feature_layer"),
@@ -61,8 +94,54 @@ def from_hf(d: dict) -> LlavaConfig:
                          ("summary", "skipvision_summary")]:
         if d.get(theirs) is not None:
             kw[ours] = d[theirs]
-    return LlavaConfig(vision=vision_from_hf(d.get("vision_config")),
+    return LlavaConfig(vision=vision_from_hf(vision),
                        text=text_from_hf(text, tie=d.get("tie_word_embeddings", False)), **kw)
+
+
+def is_original(d: dict) -> bool:
+    """True for the original LLaVA format (LlavaLlamaForCausalLM with `mm_*` fields)."""
+    return "mm_vision_tower" in d or "mm_projector_type" in d
+
+
+def clip_vision_dict(clip: dict) -> dict:
+    """The vision part of a CLIP repo's config.json (`clip` or `clip_vision_model`)."""
+    if clip.get("model_type") == "clip":
+        return clip.get("vision_config") or clip.get("vision_config_dict") or {}
+    _need(clip.get("model_type") in VISION_MODEL_TYPES,
+          f"the vision tower config has model_type {clip.get('model_type')!r}; expected a CLIP "
+          "repo ('clip' or 'clip_vision_model')")
+    return clip
+
+
+def from_original(d: dict, clip: dict) -> LlavaConfig:
+    """An original-LLaVA `config.json` plus its CLIP repo's `config.json` -> LlavaConfig.
+
+    The prompt's image placeholder is the sentinel -200; `image_aspect_ratio` concerns the
+    processor, not the model.
+    """
+    _need(d.get("model_type") in ("llava", "llava_llama"),
+          f"expected an original LLaVA config (model_type 'llava'), got {d.get('model_type')!r}")
+    kind = d.get("mm_projector_type", "linear")
+    _need(kind in ORIGINAL_PROJECTORS, f"mm_projector_type {kind!r} is not supported; "
+          f"supported: {sorted(ORIGINAL_PROJECTORS)} (LLaVA-1.5)")
+    feature = d.get("mm_vision_select_feature", "patch")
+    _need(feature in ORIGINAL_FEATURES, f"mm_vision_select_feature {feature!r} is not supported; "
+          f"supported: {sorted(ORIGINAL_FEATURES)}")
+    _need(not d.get("mm_use_im_start_end") and not d.get("mm_use_im_patch_token"),
+          "mm_use_im_start_end / mm_use_im_patch_token checkpoints (LLaVA-1.0) are not supported")
+    _need(d.get("mm_patch_merge_type", "flat") == "flat" and d.get("image_aspect_ratio")
+          in ORIGINAL_ASPECT, f"image_aspect_ratio {d.get('image_aspect_ratio')!r} / "
+          f"mm_patch_merge_type {d.get('mm_patch_merge_type')!r} (LLaVA-NeXT 'anyres') "
+          "are not supported; LLaVA-1.5 uses 'pad' and 'flat'")
+    vision = vision_from_hf(clip_vision_dict(clip))
+    mm_hidden = d.get("mm_hidden_size")
+    _need(mm_hidden in (None, vision.hidden_size), f"mm_hidden_size {mm_hidden} does not match "
+          f"the CLIP tower's hidden_size {vision.hidden_size}")
+    return LlavaConfig(vision=vision, text=text_from_hf(d), image_token_id=ORIGINAL_IMAGE_TOKEN,
+                       vision_feature_layer=d.get("mm_vision_select_layer", -2),
+                       vision_feature_select_strategy=ORIGINAL_FEATURES[feature],
+                       projector_hidden_act=ORIGINAL_PROJECTORS[kind],
+                       summary=bool(d.get("skipvision_summary", False)))
 
 
 def to_hf(cfg: LlavaConfig, dtype: str | None = None) -> dict:

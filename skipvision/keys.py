@@ -1,4 +1,4 @@
-"""Checkpoint key names -> this package's parameter names, as a table of prefixes.
+"""Checkpoint key names -> this package's parameter names, as tables of prefixes.
 
 Our module names are the llava-hf Hub layout, so that layout maps to itself. Other layouts
 differ only in prefixes (SPEC.md section 1):
@@ -6,7 +6,8 @@ differ only in prefixes (SPEC.md section 1):
 - transformers 5 in memory prefixes everything with `model.` and keeps `lm_head` on top;
 - original LLaVA (liuhaotian) uses `model.layers.*`, `lm_head`, `model.mm_projector.{0,2}`,
   and takes its vision tower from a CLIP repo (`vision_model.*`).
-Keys that are buffers recomputed at load (rotary tables, position ids) are ignored.
+Keys that are buffers recomputed at load (rotary tables, position ids) or parts of a CLIP
+repo LLaVA does not use (the text tower, projections) are ignored.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ LLAVA_PREFIXES = [
     ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
     ("model.vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.summary_scorer.", "summary_scorer."),
     ("lm_head.", "language_model.lm_head."),
 ]
 

@@ -1,0 +1,223 @@
+"""Load LLaVA checkpoints (llava-hf and original LLaVA) into `Llava`, and save them.
+
+`load_pretrained`: fetch the files (hub.py), parse the config (hf_config.py), build the model
+on the meta device, check every checkpoint key and shape against the model from the file
+headers alone (one error naming every missing, unexpected and mis-shaped key), then read each
+tensor once into its own memory and assign it (`load_state_dict(assign=True)`): the weights
+are never held twice. Tied embeddings are re-tied after assignment.
+
+`save_pretrained` writes the llava-hf layout (config.json, model.safetensors, tokenizer and
+preprocessor files) that this loader and `transformers` both read.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .config import LlavaConfig
+from .hf_config import checkpoint_dtype, from_hf, from_original, is_original, to_hf
+from .hub import CheckpointError, fetch, read_json, read_tensor, tensor_index, weight_files
+from .keys import CLIP_PREFIXES, LLAVA_PREFIXES, ORIGINAL_PREFIXES, is_ignored, map_key
+from .processor import Processor
+from .vlm import Llava
+
+LM_HEAD, EMBED = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+               "bfloat16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16,
+               "bf16": torch.bfloat16, "double": torch.float64, "float": torch.float32,
+               "half": torch.float16}
+
+
+def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, device="cpu", *,
+                    token=None, cache_dir=None, offline: bool | None = None,
+                    vision_tower=None, tokenizer=None) -> tuple[Llava, Processor]:
+    """(model, processor) from a Hub repo id or a local checkpoint directory.
+
+    dtype: None/"auto" = the checkpoint's own (config `dtype`/`torch_dtype`, else as stored).
+    offline: None follows HF_HUB_OFFLINE. vision_tower: overrides the CLIP repo an original
+    LLaVA config names (`mm_vision_tower`). tokenizer: a repo or directory whose
+    `tokenizer.json` to use (original LLaVA repos ship only a sentencepiece model).
+    """
+    hub = dict(token=token, cache_dir=cache_dir, offline=offline)
+    root = fetch(repo_id_or_dir, revision, **hub)
+    config = read_json(root / "config.json")
+    sources = [(weight_files(root), ORIGINAL_PREFIXES if is_original(config) else LLAVA_PREFIXES)]
+    if is_original(config):
+        clip_id = vision_tower or config.get("mm_vision_tower")
+        if not clip_id:
+            raise CheckpointError(f"{root}/config.json has no mm_vision_tower; pass vision_tower=")
+        index = tensor_index(sources[0][0])
+        has_tower = any((map_key(k, ORIGINAL_PREFIXES) or "").startswith("vision_tower.")
+                        for k in index)
+        clip_root = fetch(clip_id, weights=not has_tower, **hub)
+        clip = read_json(clip_root / "config.json")
+        cfg = _parse(lambda c: from_original(c, clip), config, root)
+        if not has_tower:
+            sources.append((weight_files(clip_root), CLIP_PREFIXES))
+        processor = Processor.from_dir(cfg, root, clip_root, "vicuna_v1",
+                                       config.get("image_aspect_ratio") == "pad")
+    else:
+        cfg = _parse(from_hf, config, root)
+        processor = Processor.from_dir(cfg, root)
+    if tokenizer is not None:
+        tok_root = fetch(tokenizer, weights=False, **hub)
+        processor.tokenizer = Processor.from_dir(cfg, tok_root).tokenizer
+    model = load_model(cfg, sources, dtype if dtype not in (None, "auto")
+                       else checkpoint_dtype(config), device, str(repo_id_or_dir))
+    return model, processor
+
+
+def _parse(parse, config: dict, root: Path) -> LlavaConfig:
+    if config.get("model_type") not in ("llava", "llava_llama"):
+        raise CheckpointError(
+            f"{root}/config.json describes a {config.get('model_type')!r} model "
+            f"({config.get('architectures')}); skipvision loads LLaVA checkpoints: llava-hf "
+            "(model_type 'llava', LlavaForConditionalGeneration) or original LLaVA (mm_* fields)")
+    try:
+        return parse(config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{root}/config.json: {e}") from None
+
+
+def torch_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+def load_model(cfg: LlavaConfig, sources, dtype=None, device="cpu", where: str = "") -> Llava:
+    """Build on meta, check all keys from headers, then read and assign each tensor once.
+
+    sources: [(weight files, prefix table)], earlier sources first; a later source only
+    fills parameters the earlier ones lack (the CLIP repo of an original LLaVA checkpoint).
+    """
+    with torch.device("meta"):
+        model = Llava(cfg)
+    plan = _plan(model, sources, cfg.text.tie_word_embeddings, where)
+    dtype = torch_dtype(dtype)
+    if dtype is None:  # as stored: the first floating tensor decides
+        dtype = next(i.dtype for i in plan.values() if i.dtype.is_floating_point)
+    state = {}
+    by_file = defaultdict(list)
+    for name, info in plan.items():
+        by_file[info.file].append((info.start, name, info))
+    for file, items in by_file.items():
+        with open(file, "rb") as f:
+            for _, name, info in sorted(items, key=lambda t: t[0]):  # sequential reads
+                t = read_tensor(info, f)
+                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+    tied = cfg.text.tie_word_embeddings
+    if tied:
+        state[LM_HEAD] = state[EMBED]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: still on the meta device after loading: {left}")
+    return model.eval()
+
+
+def _plan(model: Llava, sources, tied: bool, where: str) -> dict:
+    """Our parameter name -> TensorInfo; raises one CheckpointError listing every problem."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if tied:
+        del expected[LM_HEAD]  # stored once, as the embedding (transformers drops the alias)
+    plan, unexpected, misshaped, bad = {}, [], [], set()
+    for i, (files, prefixes) in enumerate(sources):
+        for key, info in tensor_index(files).items():
+            name = map_key(key, prefixes)
+            if is_ignored(key) or (tied and name == LM_HEAD):
+                continue
+            if name in plan and i > 0:
+                continue  # already given by the main checkpoint
+            if name is None or name not in expected or name in plan:
+                unexpected.append(key)
+            elif info.shape != expected[name]:
+                misshaped.append(f"{key}: checkpoint {list(info.shape)}, model "
+                                 f"{list(expected[name])}")
+                bad.add(name)
+            else:
+                plan[name] = info
+    missing = [k for k in expected if k not in plan and k not in bad]
+    if missing or unexpected or misshaped:
+        parts = [f"checkpoint {where or sources[0][0][0].parent} does not fit the model its "
+                 "config describes (is config.json from the same checkpoint?):"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("mis-shaped", misshaped)):
+            if keys:
+                parts.append(f"  {title} ({len(keys)}):\n" + "\n".join(
+                    f"    {k}" for k in compact(keys)))
+        raise CheckpointError("\n".join(parts))
+    return plan
+
+
+def compact(keys: list[str]) -> list[str]:
+    """Every key, with runs of one layer index folded: `layers.{0-31}.mlp.up_proj.weight`."""
+    groups = defaultdict(list)  # key with its first index replaced by "\0" -> the indices
+    for k in keys:
+        m = re.search(r"\.(\d+)\.", k)
+        if m is None:
+            groups[k].append(None)
+        else:
+            groups[k[:m.start()] + ".\0." + k[m.end():]].append(int(m.group(1)))
+    out = []
+    for pattern, nums in groups.items():
+        if nums == [None]:
+            out.append(pattern)
+            continue
+        runs = []
+        for n in sorted(nums):
+            if runs and n == runs[-1][1] + 1:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        span = ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+        out.append(pattern.replace("\0", span if len(nums) == 1 else "{" + span + "}"))
+    return out
+
+
+def save_pretrained(model: Llava, directory, processor: Processor | None = None) -> Path:
+    """Write `model` (and the processor's tokenizer/preprocessing) in the llava-hf layout.
+
+    Everything is written to a temporary folder first and moved into place at the end, so a
+    failure leaves any earlier checkpoint in `directory` intact.
+    """
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stale = [p.name for p in directory.iterdir() if p.name.startswith("pytorch_model")
+             or p.name == "model.safetensors.index.json" or re.match(r"model-.*\.safetensors", p.name)]
+    if stale:
+        raise CheckpointError(f"{directory} holds another checkpoint's weights {stale}; save "
+                              "into an empty directory (or remove them)")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.text.tie_word_embeddings:
+        del state[LM_HEAD]
+    meta = [k for k, v in state.items() if v.is_meta]
+    if meta:
+        raise ValueError(f"cannot save parameters that were never loaded (meta): {meta[:5]}")
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(to_hf(model.cfg, dtype), indent=2))
+        if processor is not None:
+            processor.save(tmp)
+        for p in tmp.iterdir():
+            os.replace(p, directory / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
