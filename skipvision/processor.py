@@ -62,18 +62,19 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
         data = path.read_bytes()
     if not data:
         raise InputError(f"image {name} is empty (0 bytes)")
+    too_large = (f"image {name} is too large to decode safely ({{}} pixels, limit "
+                 f"{max_pixels}); downscale it, or pass a larger max_pixels if you trust it")
     try:
         im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if w * h > max_pixels or w == 0 or h == 0:
-            raise Image.DecompressionBombError(f"{w}x{h}")
-        im.load()
-    except Image.DecompressionBombError:
-        raise InputError(f"image {name} is too large to decode safely ({im.size[0]}x"
-                         f"{im.size[1]} pixels, limit {max_pixels}); downscale it, or pass a "
-                         "larger max_pixels if you trust the file") from None
+    except Image.DecompressionBombError as e:  # PIL's own guard, at twice its limit
+        raise InputError(too_large.format(e)) from None
     except Image.UnidentifiedImageError:
         raise InputError(f"{name} is not an image PIL can read (unknown format)") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise InputError(too_large.format(f"{w}x{h}"))
+    try:
+        im.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"image {name} is truncated or corrupt: {e}") from None
     return im
@@ -169,7 +170,7 @@ class ImageProcessor:
 
     def __call__(self, images) -> torch.Tensor:
         """A list of images (PIL, path, URL or bytes) -> (I, 3, H, W) float32."""
-        return torch.stack([self.one(to_rgb(load_image(im))) for im in images])
+        return torch.stack([self.one(load_image(im)) for im in images])
 
 
 @dataclass

@@ -1,0 +1,180 @@
+"""Ask a LLaVA checkpoint about an image, with or without Skip-Vision, and see what it cost.
+
+    python examples/generate.py                                   # the small shipped model
+    python examples/generate.py --model llava-hf/llava-1.5-7b-hf --image cat.jpg \\
+        --prompt "What is in the image?" --skip sv-llava-100-156 --device cuda
+
+--model is a Hub repo id (llava-hf or original LLaVA, downloaded into the Hugging Face cache;
+HF_HUB_OFFLINE / HF_HUB_CACHE / HF_TOKEN apply) or a local checkpoint directory. The answer
+streams as it is generated; then the report: prompt and image tokens, tokens kept, time to
+first token, tokens/s, KV-cache bytes (and bytes Skip-KV saved), peak memory, FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from skipvision import generate, load_pretrained
+from skipvision.processor import TEMPLATES
+from skipvision.skip import PRESETS, SkipConfig
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llava"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Hub repo id or checkpoint directory (default: the shipped tiny model)")
+    p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
+    p.add_argument("--image", help="image path or http(s) URL (default: the checkpoint's "
+                   "example.json image, if it has one)")
+    p.add_argument("--prompt", help="the question; '<image>' marks where the image goes "
+                   "(default: before the question; or the checkpoint's example.json prompt)")
+    p.add_argument("--template", choices=sorted(TEMPLATES),
+                   help="chat template (default: llava for llava-hf, vicuna_v1 for original)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, the checkpoint's on "
+                   "CUDA), float32, float16, bfloat16, float64")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--offline", action="store_true", help="never use the network (cache only)")
+    p.add_argument("--report", choices=["text", "json"], default="text",
+                   help="how to print the cost report (default: text)")
+    s = p.add_argument_group("Skip-Vision")
+    s.add_argument("--skip", default="none", help=f"preset ({', '.join(PRESETS)}) or none")
+    s.add_argument("--retained", type=int, help="N_r retained image tokens (overrides preset)")
+    s.add_argument("--skipped", type=int, help="N_s skipped (merged) tokens (overrides preset)")
+    s.add_argument("--mask", choices=["causal", "consistent"], help="text-to-skipped visibility")
+    s.add_argument("--kv", choices=["evict", "keep"], help="Skip-KV: drop skipped tokens' "
+                   "keys/values after prefill, or keep them")
+    return p.parse_args(argv)
+
+
+def skip_config(a) -> SkipConfig | None:
+    """The Skip-Vision settings the flags ask for, or None for plain LLaVA."""
+    if a.skip != "none" and a.skip not in PRESETS:
+        sys.exit(f"--skip {a.skip!r}: choose one of {', '.join(PRESETS)} or none")
+    base = PRESETS.get(a.skip)
+    custom = {k: v for k, v in dict(retained=a.retained, skipped=a.skipped, mask=a.mask,
+                                    kv=a.kv).items() if v is not None}
+    if base is None and not custom:
+        return None
+    try:
+        return SkipConfig(**(vars(base) if base else {}) | custom)
+    except ValueError as e:
+        sys.exit(f"Skip-Vision settings: {e}")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def flops_both_paths(cfg, text_tokens: int, n_images: int, skip, new_tokens: int, dtype):
+    """Analytic FLOPs (skipvision/flops.py): plain and Skip-Vision, or plain only when no
+    Skip-Vision setting was asked for. The single place this script computes FLOPs."""
+    try:
+        from skipvision import flops
+    except ImportError:
+        return "n/a (skipvision/flops.py is not available)"
+    out = flops.compare(cfg, text_tokens, n_images, skip or SkipConfig(0, 0, summary=False),
+                        max(new_tokens, 1), dtype)
+    if skip is None:
+        out = {part: {"plain": v["plain"]} for part, v in out.items() if "plain" in v}
+    return out
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.model is None:
+        if not SHIPPED.is_dir():
+            sys.exit(f"the shipped model {SHIPPED} does not exist yet; pass --model (a Hub id "
+                     "such as llava-hf/llava-1.5-7b-hf, or a checkpoint directory)")
+        a.model = str(SHIPPED)
+    device = torch.device(a.device)
+    dtype = a.dtype if a.dtype != "auto" else ("float32" if device.type == "cpu" else None)
+    skip = skip_config(a)
+    t0 = time.perf_counter()
+    try:
+        model, processor = load_pretrained(a.model, a.revision, dtype, device,
+                                           offline=True if a.offline else None)
+    except ValueError as e:  # CheckpointError: what is wrong with the model, and what to do
+        sys.exit(f"cannot load {a.model}: {e}")
+    load_s = time.perf_counter() - t0
+    example = Path(a.model) / "example.json"
+    example = json.loads(example.read_text()) if example.is_file() else {}
+    image = a.image or (str(Path(a.model) / example["image"]) if "image" in example else None)
+    question = a.prompt or example.get("prompt", "What is in the image?")
+    if image is None:
+        sys.exit("--image is required for this checkpoint (it ships no example.json)")
+    try:
+        if skip is not None:
+            skip.check(model.cfg.image_seq_length, model.cfg.text.num_hidden_layers)
+        inputs = processor(processor.format(question, a.template), [image])
+    except ValueError as e:  # InputError: a bad image, prompt or Skip-Vision setting
+        sys.exit(str(e))
+    n_prompt, n_image = inputs["input_ids"].shape[1], model.cfg.image_seq_length
+    if n_prompt + a.max_new_tokens > model.cfg.text.max_position_embeddings:
+        sys.exit(f"prompt ({n_prompt} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds the "
+                 f"model's context of {model.cfg.text.max_position_embeddings} tokens")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    generator = torch.Generator(device).manual_seed(a.seed)
+    new, shown = [], ""
+
+    def stream(tok):  # decode everything so far: multi-byte and word-initial pieces print right
+        nonlocal shown
+        new.append(int(tok[0]))
+        text = processor.decode(new)
+        if a.report == "text":
+            print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    gen = generate(model, inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
+                   inputs["attention_mask"], max_new_tokens=a.max_new_tokens,
+                   temperature=a.temperature, top_p=a.top_p, generator=generator, skip=skip,
+                   on_token=stream)
+    n_new = int(gen.lengths[0])
+    st = gen.stats
+    report = dict(
+        model=a.model, device=str(device), dtype=str(model_dtype(model)).removeprefix("torch."),
+        answer=processor.decode(gen.tokens[0, :n_new]), load_s=round(load_s, 3),
+        prompt_tokens=n_prompt, image_tokens=n_image, new_tokens=n_new,
+        prefill_tokens=gen.prompt_tokens,
+        time_to_first_token_s=round(st.get("time_to_first_token_s", float("nan")), 4),
+        decode_tokens_per_s=round((n_new - 1) / st["decode_s"], 2) if n_new > 1 and st.get(
+            "decode_s") else None,
+        kv_bytes_prefill=st["kv_bytes_prefill"], kv_bytes=st["kv_bytes_after_prefill"],
+        kv_bytes_saved=st["kv_bytes_prefill"] - st["kv_bytes_after_prefill"],
+        peak_memory_bytes=peak_memory_bytes(device),
+        skip=None if skip is None else vars(skip))
+    t = model.cfg.text  # one cached token: K and V in every layer
+    slot = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model_dtype(
+        model).itemsize
+    report["tokens_kept_in_cache"] = st["kv_bytes_after_prefill"] // slot
+    report["flops"] = flops_both_paths(model.cfg, n_prompt - n_image, 1, skip, n_new,
+                                       model_dtype(model))
+    if a.report == "json":
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print("\n")
+        for k, v in report.items():
+            if k not in ("answer", "flops"):
+                print(f"{k:>24}: {v}")
+        print(f"{'flops':>24}: {json.dumps(report['flops'], default=str)}")
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+if __name__ == "__main__":
+    main()
