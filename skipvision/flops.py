@@ -1,0 +1,208 @@
+"""FLOPs and bytes of LLaVA and Skip-Vision, counted analytically, per prefill and decode step.
+
+Convention (what every number from this module means):
+- A multiply-add counts 2. Only matrix products are counted: every nn.Linear (bias adds not
+  counted), the patch-embedding convolution, attention scores Q K^T and weighted sums P V, and
+  Skip-Vision's own products (CLS-attention query, keys and scores, the merge's cosine matrix,
+  the summary scorer and its pooling). Norms, activations, softmax, RoPE, residual adds,
+  gathers/scatters, embedding lookups and sampling are not counted.
+- Attention is counted over the whole (T, S) score rectangle that SDPA computes with an
+  explicit mask: 4 B H T S D per layer, the masked-out area (causal, padding, the `consistent`
+  mask) included; with grouped-query attention every query head counts.
+  This is exactly what torch.utils.flop_counter.FlopCounterMode counts for these ops
+  (tests/test_flops.py; on CPU it needs the math SDPA backend or a formula for the CPU kernel).
+- The language model (LM) and the vision side (tower, projector, Skip-Vision's split, merge
+  and summary scorer) are reported separately. The paper's ratios exclude the vision encoder
+  (SPEC.md sec. 2), so `compare`'s headline ratio is the LM's prefill FLOPs.
+- Prefill runs as `generate.prefill` does: logits for each row's last position only
+  (`logits="all"` is `Llava.forward` and training).
+- Decode step t (0 = the first `decode_step` after prefill) attends to S0 + t + 1 cache slots.
+  S0 = the padded prompt width T without eviction; after Skip-KV eviction, the widest row's
+  kept count (`KVCache.keep` compacts rows and pads them on the right).
+- A training step (LM only) is a forward with logits for all rows plus a backward of twice
+  its FLOPs (an input- and a weight-gradient product per forward product; all weights and the
+  input embeddings need gradients).
+- Bytes: the KV cache holds 2 L B Hkv S D elements, padding slots included, as allocated.
+  A forward pass reads every LM weight once (layers, final norm, lm_head; not the embedding
+  table, of which only the looked-up rows are read); a decode step also reads the whole cache.
+
+Shapes: B batch, T prompt width (padded, as arranged), S key slots, L layers, C LM width,
+H / Hkv query / key-value heads, D head dim, F FFN width, V vocab, I images, P vision positions.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import LlavaConfig, TextConfig
+from .skip import PRESETS, SKIPPED, Layout, SkipConfig
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Token counts of one prefill, as the language model sees it (plain or arranged)."""
+    batch: int  # B
+    width: int  # T: padded prompt length
+    ffn_rows: tuple[int, ...]  # per decoder layer: rows of the B*T that get the FFN (Skip-FFN)
+    skipped: tuple[int, ...]  # per batch row: Skip-Vision skipped tokens (evicted by Skip-KV)
+
+    def cache_slots(self, evict: bool = False) -> int:
+        """S0, the cache width after prefill (and after Skip-KV eviction if `evict`)."""
+        if not evict:
+            return self.width
+        return max((self.width - s for s in self.skipped), default=0)
+
+
+def _per_row(v, batch: int) -> tuple[int, ...]:
+    return (v,) * batch if isinstance(v, int) else tuple(v)
+
+
+def geometry(cfg: LlavaConfig, text: int | Sequence[int], images: int | Sequence[int] = 1,
+             skip: SkipConfig | None = None) -> Geometry:
+    """From explicit counts: `text` tokens and `images` images per row (ints: a batch of 1)."""
+    text = _per_row(text, 1) if isinstance(text, int) else tuple(text)
+    images = _per_row(images, len(text))
+    if len(images) != len(text):
+        raise ValueError(f"{len(text)} rows of text but {len(images)} rows of images")
+    n, L = cfg.image_seq_length, cfg.text.num_hidden_layers
+    if skip is None:
+        per_image, skipped = n, (0,) * len(text)
+    else:
+        skip.check(n, L)
+        per_image = skip.retained + skip.skipped + 2 * skip.summary
+        skipped = tuple(i * skip.skipped for i in images)
+    lengths = [t + i * per_image for t, i in zip(text, images)]
+    B, T = len(text), max(lengths, default=0)
+    return Geometry(B, T, _ffn_rows(B * T, sum(skipped), skip, L), skipped)
+
+
+def _ffn_rows(rows: int, n_skipped: int, skip: SkipConfig | None, n_layers: int):
+    layers = set() if skip is None else set(skip.ffn_layers(n_layers))
+    return tuple(rows - n_skipped * (i in layers) for i in range(n_layers))
+
+
+def geometry_of(prepared, cfg: LlavaConfig, skip: SkipConfig | None = None) -> Geometry:
+    """From what the model built: a vlm.LMInput, or a skip.Layout plus its SkipConfig."""
+    L = cfg.text.num_hidden_layers
+    if isinstance(prepared, Layout):
+        B, T = prepared.kind.shape
+        skipped = tuple((prepared.kind == SKIPPED).sum(1).tolist())
+        return Geometry(B, T, _ffn_rows(B * T, sum(skipped), skip, L), skipped)
+    B, T = prepared.embeds.shape[:2]
+    rows = [None] * L if prepared.ffn_rows is None else prepared.ffn_rows
+    skipped = ((0,) * B if prepared.layout is None
+               else tuple(prepared.layout.skipped.sum(1).tolist()))
+    return Geometry(B, T, tuple(B * T if r is None else r.numel() for r in rows), skipped)
+
+
+def lm_forward(text: TextConfig, batch: int, tokens: int, keys: int, ffn_rows: Sequence[int],
+               logit_rows: int) -> dict:
+    """FLOPs of one LM pass: `tokens` queries per row against `keys` slots, by part."""
+    C, F, V, D = text.hidden_size, text.intermediate_size, text.vocab_size, text.head_dim
+    H, Hkv, L = text.num_attention_heads, text.num_key_value_heads, text.num_hidden_layers
+    out = dict(attn_proj=2 * L * batch * tokens * C * D * 2 * (H + Hkv),  # q, o; k, v
+               attention=4 * L * batch * H * tokens * keys * D,  # Q K^T and P V
+               ffn=2 * 3 * C * F * sum(ffn_rows),  # SwiGLU: gate, up, down
+               lm_head=2 * logit_rows * C * V)
+    out["total"] = sum(out.values())
+    return out
+
+
+def prefill(cfg: LlavaConfig, g: Geometry, logits: str = "last") -> dict:
+    """LM FLOPs of a prefill; logits for the last position per row ("last") or all ("all")."""
+    rows = {"last": g.batch, "all": g.batch * g.width}[logits]
+    return lm_forward(cfg.text, g.batch, g.width, g.width, g.ffn_rows, rows)
+
+
+def decode_step(cfg: LlavaConfig, g: Geometry, step: int = 0, evict: bool = False) -> dict:
+    """LM FLOPs of decode step `step` (0 = first after prefill): one token per row."""
+    S = g.cache_slots(evict) + step + 1
+    return lm_forward(cfg.text, g.batch, 1, S, (g.batch,) * cfg.text.num_hidden_layers, g.batch)
+
+
+def training_step(cfg: LlavaConfig, g: Geometry) -> dict:
+    """LM FLOPs of one training step: forward (logits on all rows) + backward (2x forward)."""
+    fwd = prefill(cfg, g, logits="all")["total"]
+    return dict(forward=fwd, backward=2 * fwd, total=3 * fwd)
+
+
+def vision(cfg: LlavaConfig, images: int, skip: SkipConfig | None = None) -> dict:
+    """FLOPs of the vision side for `images` images: tower, projector, Skip-Vision's extras."""
+    v, C = cfg.vision, cfg.text.hidden_size
+    Cv, P, N = v.hidden_size, v.num_positions, cfg.image_seq_length
+    layers_run = max(cfg.feature_layers)  # vision.VisionTower.hidden_states stops there
+    layer = 2 * P * (4 * Cv * Cv + 2 * Cv * v.intermediate_size) + 4 * P * P * Cv
+    d_in = Cv * len(cfg.feature_layers)
+    out = dict(patch_embedding=2 * images * v.num_patches * Cv * v.num_channels * v.patch_size ** 2,
+               tower=images * layers_run * layer,
+               projector=2 * images * N * (d_in * C + C * C),
+               split=0, merge=0, summary=0)
+    if skip is not None:
+        out["split"] = images * 2 * Cv * (Cv + P * Cv + P)  # CLS query, keys, scores
+        M = N - skip.retained  # merge candidates
+        out["merge"] = 2 * images * M * M * C if skip.skipped else 0  # cosine matrix
+        if skip.summary and cfg.summary:  # scorer Linear(C, 1), then the weighted sum, which
+            # torch.einsum runs as a product only over more than one token (else elementwise)
+            pooled = sum(m for m in (skip.retained, skip.skipped) if m > 1)
+            out["summary"] = 2 * images * (skip.retained + skip.skipped + pooled) * C
+    out["total"] = sum(out.values())
+    return out
+
+
+def lm_weight_params(text: TextConfig) -> int:
+    """Parameters a forward pass reads: decoder layers, final norm, lm_head (not the table)."""
+    C, F, D = text.hidden_size, text.intermediate_size, text.head_dim
+    H, Hkv = text.num_attention_heads, text.num_key_value_heads
+    attn = 2 * C * D * (H + Hkv) + text.attention_bias * (D * (H + 2 * Hkv) + C)
+    mlp = 3 * C * F + text.mlp_bias * (2 * F + C)
+    return text.num_hidden_layers * (attn + mlp + 2 * C) + C + text.vocab_size * C
+
+
+def kv_bytes(cfg: LlavaConfig, batch: int, slots: int, dtype=torch.float32) -> int:
+    """Bytes of keys and values for `slots` cache slots per row, all layers."""
+    t = cfg.text
+    per_slot = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim
+    return per_slot * batch * slots * _itemsize(dtype)
+
+
+def _itemsize(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def decode_bytes(cfg: LlavaConfig, g: Geometry, step: int = 0, evict: bool = False,
+                 dtype=torch.float32) -> int:
+    """Bytes read by decode step `step`: every LM weight once plus the whole KV cache."""
+    S = g.cache_slots(evict) + step + 1
+    return lm_weight_params(cfg.text) * _itemsize(dtype) + kv_bytes(cfg, g.batch, S, dtype)
+
+
+def compare(cfg: LlavaConfig, text: int | Sequence[int] = 64, images: int | Sequence[int] = 1,
+            skip: SkipConfig | str = "sv-llava-100-156", new_tokens: int = 1,
+            dtype=torch.float32) -> dict:
+    """Plain LLaVA vs Skip-Vision for one prompt geometry, as plain numbers (JSON-ready).
+
+    `prefill` is the LM's prefill FLOPs (the paper's convention, vision excluded); `vision` the
+    tower + projector (+ split/merge/summary); `decode` the FLOPs of `new_tokens - 1` decode
+    steps (the first token comes from the prefill); `kv_bytes` the cache after prefill
+    (plain; Skip-Vision with kv "keep"; with kv "evict"); `ratio` = Skip-Vision / plain.
+    """
+    skip = PRESETS[skip] if isinstance(skip, str) else skip
+    gp, gs = geometry(cfg, text, images, None), geometry(cfg, text, images, skip)
+    n_img = sum(_per_row(images, gp.batch))
+    steps = range(max(new_tokens - 1, 0))
+    dec = lambda g, ev: sum(decode_step(cfg, g, t, ev)["total"] for t in steps)
+    out = dict(
+        tokens=dict(plain=gp.width, skip=gs.width, skipped=sum(gs.skipped)),
+        prefill=dict(plain=prefill(cfg, gp)["total"], skip=prefill(cfg, gs)["total"]),
+        vision=dict(plain=vision(cfg, n_img)["total"], skip=vision(cfg, n_img, skip)["total"]),
+        decode=dict(plain=dec(gp, False), keep=dec(gs, False), evict=dec(gs, True)),
+        train=dict(plain=training_step(cfg, gp)["total"], skip=training_step(cfg, gs)["total"]),
+        kv_bytes=dict(plain=kv_bytes(cfg, gp.batch, gp.cache_slots(), dtype),
+                      keep=kv_bytes(cfg, gs.batch, gs.cache_slots(), dtype),
+                      evict=kv_bytes(cfg, gs.batch, gs.cache_slots(True), dtype)))
+    for part in ("prefill", "vision", "train"):
+        d = out[part]
+        d["ratio"] = d["skip"] / d["plain"] if d["plain"] else float("nan")
+    return out
