@@ -41,6 +41,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 
 def prefill(model: Llava, inp: LMInput, cache: KVCache) -> torch.Tensor:
     """Run the prompt, filling the cache; returns the last position's logits (B, V)."""
+    if not bool(inp.attention_mask.any(1).all()):
+        raise ValueError("a prompt is empty (after Skip-Vision's arrangement, if any): "
+                         "give it text or keep some image tokens")
     return model.logits(model.run(inp, cache)[:, -1])
 
 

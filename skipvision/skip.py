@@ -131,7 +131,7 @@ def cls_attention(layer, h: torch.Tensor) -> torch.Tensor:
     q = attn.heads(attn.q_proj(x[:, :1]))  # (I, H, 1, D)
     k = attn.heads(attn.k_proj(x))  # (I, H, P, D)
     scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.head_dim ** -0.5  # (I, H, P)
-    return scores.softmax(-1).sum(1)
+    return scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).sum(1)
 
 
 def merge(x: torch.Tensor, n_out: int, order: str):
@@ -145,7 +145,7 @@ def merge(x: torch.Tensor, n_out: int, order: str):
     if n_out == 0:  # N_s = 0: the candidates are dropped
         return x[:, :0], torch.zeros(I, 0, dtype=torch.long, device=x.device), torch.full(
             (I, M), -1, dtype=torch.long, device=x.device)
-    xn = F.normalize(x, dim=-1)
+    xn = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)  # ranks in fp32+
     eye = torch.eye(M, dtype=torch.bool, device=x.device)
     sim = (xn @ xn.transpose(1, 2)).masked_fill(eye, 0)  # (I, M, M) cosine, zero diagonal
     rank = torch.argsort(sim.sum(-1), dim=-1, descending=True, stable=True)  # by redundancy
