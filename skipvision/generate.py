@@ -87,7 +87,7 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
     cache = KVCache(model.cfg.text.num_hidden_layers)
     logits = prefill(model, inp, cache)
     stats["kv_bytes_prefill"] = cache.nbytes()
-    if inp.layout is not None and skip.kv == "evict":  # skip-vision hook: Skip-KV (sec. 3.4)
+    if inp.layout is not None and skip.kv == "evict":  # skip-vision hook: Skip-KV
         cache.keep(~inp.layout.skipped)
     stats["kv_bytes_after_prefill"] = cache.nbytes()
     pos = inp.pos.max(dim=1).values + 1  # (B,) one past each row's last prompt position

@@ -147,7 +147,7 @@ class LlamaModel(nn.Module):
 
         `horizon` (B, T): last query position that may see each token (default: forever).
         `cache`: a KVCache, extended in place. `ffn_rows`: per layer, None or the flat (B*T)
-        indices of the rows that get the FFN (skip-vision hook, Skip-FFN, paper sec. 3.2).
+        indices of the rows that get the FFN (skip-vision hook, Skip-FFN).
         """
         if horizon is None:
             horizon = torch.full_like(pos, FOREVER)

@@ -1,19 +1,19 @@
 """Skip-Vision (Zeng, Huang, Ji, Yan; ICCV 2025, arXiv 2503.21817) on top of the plain LLaVA.
 
 What the paper changes in LLaVA-1.5, and nothing else (everything else is vlm.py / llama.py):
-- Split (sec. 3.1): per image, the N_r patches the CLS token attends to most (summed over heads,
+- Split: per image, the N_r patches the CLS token attends to most (summed over heads,
   in the vision layer whose output is used) are *retained*, kept in raster order.
-- Merge (sec. 3.1): the other patches' projected features are merged ToMe-style down to N_s
+- Merge: the other patches' projected features are merged ToMe-style down to N_s
   *skipped* tokens (cosine redundancy; each source joins its most similar destination; plain
   mean). The authors keep destinations in descending-redundancy order (`merge_order`).
-- Summary tokens (sec. 3.3): q1 softmax-pools the retained tokens, q2 the skipped ones, scored by
+- Summary tokens: q1 softmax-pools the retained tokens, q2 the skipped ones, scored by
   one small module, LayerNorm(C) -> Linear(C, 1) (zero-initialised: an exact mean).
 - Layout: [text][retained N_r][q1][skipped N_s][q2][text], positions contiguous over all of it.
 - Mask: `causal` (as the authors' code) or `consistent` (text after the image cannot see the
   skipped tokens, which makes prefill agree with Skip-KV decoding).
-- Skip-FFN (sec. 3.2): in the chosen layers, skipped tokens take only the attention residual;
+- Skip-FFN: in the chosen layers, skipped tokens take only the attention residual;
   the FFN runs on the other rows only (gather/scatter), forward and backward.
-- Skip-KV (sec. 3.4): after prefill the skipped tokens' keys/values leave the cache (generate.py).
+- Skip-KV: after prefill the skipped tokens' keys/values leave the cache (generate.py).
 
 Shapes: B batch, T tokens, I images, N image tokens per image, M = N - N_r merge candidates,
 C LLM width, P vision positions.
@@ -99,7 +99,7 @@ class Layout:
 
 
 class SummaryScorer(nn.Module):
-    """LayerNorm(C) then Linear(C, 1): a score per token for softmax pooling (paper sec. 3.3)."""
+    """LayerNorm(C) then Linear(C, 1): a score per token for softmax pooling (paper: summary tokens)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -290,7 +290,7 @@ def ffn_rows(skipped: torch.Tensor, skip: SkipConfig, cfg) -> list | None:
 
 
 def skip_ffn(h: torch.Tensor, mlp, norm, rows: torch.Tensor) -> torch.Tensor:
-    """Skip-FFN (paper sec. 3.2): h + mlp(norm(h)) on the flat rows `rows` only, h elsewhere.
+    """Skip-FFN (paper: Skip-FFN): h + mlp(norm(h)) on the flat rows `rows` only, h elsewhere.
 
     h (B, T, C); rows (R,) indices into B*T. The FFN runs on R rows, forward and backward.
     """

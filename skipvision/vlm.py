@@ -49,7 +49,8 @@ class Llava(nn.Module):
         self.vision_tower = VisionTower(cfg.vision)
         self.multi_modal_projector = MultiModalProjector(cfg)
         self.language_model = LlamaForCausalLM(cfg.text)
-        self.summary_scorer = skipvision.SummaryScorer(cfg.text.hidden_size) if cfg.summary else None
+        self.summary_scorer = (skipvision.SummaryScorer(cfg.text.hidden_size)  # skip-vision hook
+                               if cfg.summary else None)
 
     def project(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
         """Selected CLIP hidden states, each (I, P, Cv) -> image features (I, Nv, C)."""

@@ -48,7 +48,7 @@ def test_batch_equals_rows_alone(m, data, lens, use_skip):
 @settings()
 @given(m=models(), data=st.data(), lens=lengths)
 def test_eviction_equals_full_cache_with_skipped_keys_hidden(m, data, lens):
-    """Skip-KV (sec. 3.4): the evicted cache gives the logits of the full cache + a mask."""
+    """Skip-KV: the evicted cache gives the logits of the full cache + a mask."""
     model, seed = m
     skip = data.draw(skips(model.cfg, kv="evict"))
     ids, mask, _, px = llava_inputs(model.cfg, seed, lens)
