@@ -205,11 +205,11 @@ def test_every_llava_hf_name_maps_to_itself_and_compact_lists_every_key():
     assert compact(keys) == ["a.layers.{0-2,5}.w", "b", "a.layers.3.x"]
 
 
-def _example_module():
+def _example_module(name: str = "generate"):
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).parents[1] / "examples" / "generate.py"
-    spec = importlib.util.spec_from_file_location("example_generate", path)
+    path = Path(__file__).parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -268,3 +268,13 @@ def test_generate_example_runs_on_a_local_checkpoint(tmp_path, capsys):
     example.SHIPPED = tmp_path / "checkpoints" / "tiny-llava"  # not there: say so, and what to do
     with pytest.raises(SystemExit, match="does not exist yet; pass --model"):
         example.main([])
+
+
+@pytest.mark.slow
+def test_loading_300_mb_peaks_within_1_3x_its_file_size():
+    """Fresh processes, VmHWM: load_pretrained stays near 1x; the naive loader (allocate,
+    load_file, copy) needs about 2x, which shows the measurement can see a second copy."""
+    report = _example_module("bench_load_memory").main(["--mb", "300", "--naive"])
+    assert report["file_bytes"] > 250e6
+    assert report["load_pretrained"]["ratio"] <= 1.3, report
+    assert report["naive"]["ratio"] > 1.3, report
