@@ -46,21 +46,20 @@ def fetch(repo_or_dir, revision: str | None = None, *, weights: bool = True, tok
     `repo_or_dir` is an existing directory (used as is) or a Hub repo id ("org/name").
     `offline=None` follows `HF_HUB_OFFLINE`; True never touches the network.
     """
-    path = Path(os.path.expanduser(str(repo_or_dir)))
+    name = str(repo_or_dir)
+    path = Path(os.path.expanduser(name))
     if path.is_dir():
         if revision is not None:
-            raise CheckpointError(f"{str(repo_or_dir)!r} is a local directory; `revision` "
-                                  f"({revision!r}) only applies to Hub repos")
+            raise CheckpointError(f"{name!r} is a local directory; `revision` ({revision!r}) "
+                                  "only applies to Hub repos")
         return path
-    if path.exists() or str(repo_or_dir).startswith((".", "/", "~")) or str(repo_or_dir).count(
-            "/") > 1:
-        raise CheckpointError(f"{str(repo_or_dir)!r} is not a checkpoint directory (it does not "
-                              "exist or is a file) nor a Hub repo id like 'llava-hf/llava-1.5-7b-hf'")
-    root = _download(str(repo_or_dir), revision, META_FILES + (SAFETENSORS if weights else []),
-                     token, cache_dir, offline)
-    if weights and not _weight_files(root, SAFETENSORS):
-        root = _download(str(repo_or_dir), revision, META_FILES + PICKLES, token, cache_dir,
-                         offline)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(f"{name!r} is neither a checkpoint directory (it does not exist or "
+                              "is a file) nor a Hub repo id like 'llava-hf/llava-1.5-7b-hf'")
+    hub = dict(token=token, cache_dir=cache_dir, offline=offline)
+    root = _download(name, revision, META_FILES + (SAFETENSORS if weights else []), **hub)
+    if weights and not _weight_files(root, SAFETENSORS):  # no safetensors: the pickles, then
+        root = _download(name, revision, META_FILES + PICKLES, **hub)
     return root
 
 

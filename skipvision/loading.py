@@ -47,17 +47,21 @@ def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, dev
     LLaVA config names (`mm_vision_tower`). tokenizer: a repo or directory whose
     `tokenizer.json` to use (original LLaVA repos ship only a sentencepiece model).
     """
+    dtype = torch_dtype(dtype)
     hub = dict(token=token, cache_dir=cache_dir, offline=offline)
     root = fetch(repo_id_or_dir, revision, **hub)
     config = read_json(root / "config.json")
-    sources = [(weight_files(root), ORIGINAL_PREFIXES if is_original(config) else LLAVA_PREFIXES)]
-    if is_original(config):
+    if not is_original(config):  # llava-hf
+        cfg = _parse(from_hf, config, root)
+        sources = [(weight_files(root), LLAVA_PREFIXES)]
+        processor = Processor.from_dir(cfg, root)
+    else:  # original LLaVA: the vision tower (config, usually weights) is a CLIP repo
         clip_id = vision_tower or config.get("mm_vision_tower")
         if not clip_id:
             raise CheckpointError(f"{root}/config.json has no mm_vision_tower; pass vision_tower=")
-        index = tensor_index(sources[0][0])
+        sources = [(weight_files(root), ORIGINAL_PREFIXES)]
         has_tower = any((map_key(k, ORIGINAL_PREFIXES) or "").startswith("vision_tower.")
-                        for k in index)
+                        for k in tensor_index(sources[0][0]))
         clip_root = fetch(clip_id, weights=not has_tower, **hub)
         clip = read_json(clip_root / "config.json")
         cfg = _parse(lambda c: from_original(c, clip), config, root)
@@ -65,14 +69,11 @@ def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, dev
             sources.append((weight_files(clip_root), CLIP_PREFIXES))
         processor = Processor.from_dir(cfg, root, clip_root, "vicuna_v1",
                                        config.get("image_aspect_ratio") == "pad")
-    else:
-        cfg = _parse(from_hf, config, root)
-        processor = Processor.from_dir(cfg, root)
     if tokenizer is not None:
-        tok_root = fetch(tokenizer, weights=False, **hub)
-        processor.tokenizer = Processor.from_dir(cfg, tok_root).tokenizer
-    model = load_model(cfg, sources, dtype if dtype not in (None, "auto")
-                       else checkpoint_dtype(config), device, str(repo_id_or_dir))
+        processor.tokenizer = Processor.from_dir(cfg, fetch(tokenizer, weights=False, **hub)
+                                                 ).tokenizer
+    model = load_model(cfg, sources, dtype or checkpoint_dtype(config), device,
+                       str(repo_id_or_dir))
     return model, processor
 
 
@@ -89,8 +90,9 @@ def _parse(parse, config: dict, root: Path) -> LlavaConfig:
 
 
 def torch_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    """torch dtype from a dtype or its name ("float16", "bf16", ...); None/"auto" -> None."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)}")

@@ -270,21 +270,19 @@ class Processor:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return self._tok().decode([i for i in ids if i >= 0], skip_special_tokens=skip_special_tokens)
+        ids = [i for i in ids if i >= 0]  # image placeholders such as -200 are not text
+        return self._tok().decode(ids, skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: Path):
         """tokenizer.json (+ tokenizer_config.json) and preprocessor_config.json."""
         directory = Path(directory)
         if self.tokenizer is not None:
             self.tokenizer.save(str(directory / "tokenizer.json"))
-            special = {}
-            for role, tid in (("bos_token", self.cfg.text.bos_token_id),
-                              ("eos_token", self.cfg.text.eos_ids[:1] or [None])):
-                tid = tid[0] if isinstance(tid, (list, tuple)) else tid
-                if tid is not None and self.tokenizer.id_to_token(tid) is not None:
-                    special[role] = self.tokenizer.id_to_token(tid)
-            if self.tokenizer.token_to_id("<pad>") is not None:
-                special["pad_token"] = "<pad>"
+            t = self.cfg.text
+            ids = {"bos_token": t.bos_token_id, "eos_token": (t.eos_ids or (None,))[0],
+                   "pad_token": self.tokenizer.token_to_id("<pad>")}
+            special = {role: self.tokenizer.id_to_token(i) for role, i in ids.items()
+                       if i is not None and self.tokenizer.id_to_token(i) is not None}
             (directory / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": "PreTrainedTokenizerFast", **special}, indent=2))
         (directory / "preprocessor_config.json").write_text(json.dumps(self.image.to_dict(),

@@ -211,7 +211,7 @@ def test_unknown_repo_and_revision_are_named(tiny_hub):
             load_pretrained("org/tiny", revision="v9")
         with pytest.raises(CheckpointError, match="neither a local directory nor a valid Hub"):
             load_pretrained("org/bad name!")
-        with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
             load_pretrained("./no/such/dir")
 
 

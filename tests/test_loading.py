@@ -181,6 +181,14 @@ def test_save_writes_tokenizer_and_preprocessing_and_leaves_no_debris(tmp_path):
     _, back = load_pretrained(tmp_path, dtype="float32")
     assert back.encode("<image> a cat") == processor.encode("<image> a cat")
     assert back.image == processor.image
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken_save(directory):
+        raise OSError("disk full")
+    processor.save = broken_save  # a failure after the weights were written
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(randomize_(Llava(cfg), 1), tmp_path, processor)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old one intact
     (tmp_path / "pytorch_model.bin").write_bytes(b"old")
     with pytest.raises(CheckpointError, match="another checkpoint's weights"):
         save_pretrained(model, tmp_path, processor)

@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from PIL import Image
 
 from reference.pad_square import expand_to_square
@@ -48,6 +48,11 @@ def hf_image_processor(size: int):
 @given(mode=st.sampled_from(MODES), w=st.integers(1, 300), h=st.integers(1, 300),
        aspect=st.sampled_from([None, 1 / 7, 5.0]), size=st.sampled_from([7, 16, 33, 336]),
        seed=st.integers(0, 2**16))
+@example(mode="RGBA", w=640, h=480, aspect=None, size=336, seed=1)  # a photo, LLaVA's size
+@example(mode="I;16", w=400, h=300, aspect=None, size=336, seed=2)
+@example(mode="CMYK", w=333, h=100, aspect=None, size=336, seed=3)
+@example(mode="P+transparency", w=5, h=700, aspect=None, size=33, seed=4)
+@example(mode="L", w=336, h=336, aspect=None, size=336, seed=5)  # no resize, no crop
 def test_pixels_equal_transformers_clip_processor(mode, w, h, aspect, size, seed):
     if aspect is not None:  # very wide / tall images as well
         h = max(1, min(900, round(w * aspect)))
