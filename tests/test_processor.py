@@ -204,3 +204,20 @@ def test_processor_round_trips_through_save(tmp_path):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     hf = CLIPImageProcessorPil.from_pretrained(tmp_path)
     assert hf.crop_size["height"] == 8 and hf.size["shortest_edge"] == 8
+
+
+def test_images_load_from_urls(tmp_path):
+    import functools
+    import http.server
+    import threading
+    make_image("RGBA", 30, 20, 0).save(tmp_path / "cat.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert load_image(f"{url}/cat.png").size == (30, 20)
+        with pytest.raises(InputError, match="cannot download image .*dog.png.*404"):
+            load_image(f"{url}/dog.png")
+    finally:
+        server.shutdown()
