@@ -17,7 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -134,8 +134,19 @@ def hf_cfg_view(hf):
     return from_hf(hf.config.to_dict())
 
 
+TINY = dict(text=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=50,
+                      rms_norm_eps=1e-5, max_position_embeddings=128, tie_word_embeddings=False),
+            vision=dict(hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                        num_attention_heads=2, image_size=4, patch_size=2),
+            image_token_id=49, vision_feature_layer=-2, vision_feature_select_strategy="default")
+TINY_TIED_FULL = TINY | dict(text=TINY["text"] | dict(tie_word_embeddings=True),
+                             vision_feature_layer=-1, vision_feature_select_strategy="full")
+
+
 @settings(max_examples=4)
 @given(spec=hf_specs(max_layers=2), seed=st.integers(0, 2**16))
+@example(spec=TINY_TIED_FULL, seed=0)
 def test_every_layout_loads_from_the_hub_cache_and_matches_transformers(spec, seed):
     hf = build_hf(spec, seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,17 +175,9 @@ def test_every_layout_loads_from_the_hub_cache_and_matches_transformers(spec, se
 @pytest.fixture(scope="module")
 def tiny_hub():
     """A cache with one tiny llava-hf repo at two revisions (main and tag v1)."""
-    spec = dict(text=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=50,
-                          rms_norm_eps=1e-5, max_position_embeddings=128,
-                          tie_word_embeddings=False),
-                vision=dict(hidden_size=8, intermediate_size=12, num_hidden_layers=2,
-                            num_attention_heads=2, image_size=4, patch_size=2),
-                image_token_id=49, vision_feature_layer=-2,
-                vision_feature_select_strategy="default")
     with tempfile.TemporaryDirectory() as tmp:
         tmp, cache = Path(tmp), Path(tmp) / "hub"
-        hf0, hf1 = build_hf(spec, 0), build_hf(spec, 1)
+        hf0, hf1 = build_hf(TINY, 0), build_hf(TINY, 1)
         hf0.save_pretrained(tmp / "v0")
         hf1.save_pretrained(tmp / "v1")
         commit0 = publish(cache, "org/tiny", tmp / "v0")
