@@ -32,10 +32,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hub repo id or checkpoint directory (default: the shipped tiny model)")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
-    p.add_argument("--image", help="image path or http(s) URL (default: the checkpoint's "
-                   "example.json image, if it has one)")
+    p.add_argument("--image", help="image path or http(s) URL (default: the sample image the "
+                   "checkpoint directory ships, if any)")
     p.add_argument("--prompt", help="the question; '<image>' marks where the image goes "
-                   "(default: before the question; or the checkpoint's example.json prompt)")
+                   "(default: before the question); default: the checkpoint's sample question")
     p.add_argument("--template", choices=sorted(TEMPLATES),
                    help="chat template (default: llava for llava-hf, vicuna_v1 for original)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
@@ -71,6 +71,18 @@ def skip_config(a) -> SkipConfig | None:
         return SkipConfig(**(vars(base) if base else {}) | custom)
     except ValueError as e:
         sys.exit(f"Skip-Vision settings: {e}")
+
+
+def checkpoint_example(directory: Path) -> dict:
+    """The sample a checkpoint directory ships: example.json, or training_report.json's
+    "sample" ({"image": file in the directory, "prompt" or "question": text}); else {}."""
+    for name, key in (("example.json", None), ("training_report.json", "sample")):
+        if (directory / name).is_file():
+            d = json.loads((directory / name).read_text())
+            d = d.get(key, {}) if key else d
+            if d:
+                return d
+    return {}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -110,12 +122,11 @@ def main(argv=None):
     except ValueError as e:  # CheckpointError: what is wrong with the model, and what to do
         sys.exit(f"cannot load {a.model}: {e}")
     load_s = time.perf_counter() - t0
-    example = Path(a.model) / "example.json"
-    example = json.loads(example.read_text()) if example.is_file() else {}
+    example = checkpoint_example(Path(a.model))
     image = a.image or (str(Path(a.model) / example["image"]) if "image" in example else None)
-    question = a.prompt or example.get("prompt", "What is in the image?")
+    question = a.prompt or example.get("prompt", example.get("question", "What is in the image?"))
     if image is None:
-        sys.exit("--image is required for this checkpoint (it ships no example.json)")
+        sys.exit("--image is required for this checkpoint (it ships no example image)")
     try:
         if skip is not None:
             skip.check(model.cfg.image_seq_length, model.cfg.text.num_hidden_layers)
