@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, the checkpoint's on "
                    "CUDA), float32, float16, bfloat16, float64")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--offline", action="store_true", help="never use the network (cache only)")
     p.add_argument("--report", choices=["text", "json"], default="text",
                    help="how to print the cost report (default: text)")
