@@ -13,6 +13,9 @@ settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=Tr
 settings.register_profile("thorough", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+# The test models are tiny: intra-op threads cost more than they give (set TORCH_THREADS to change).
+torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
