@@ -83,6 +83,14 @@ def attention_mask(q_pos, k_pos, k_horizon) -> torch.Tensor:
     return mask[:, None]
 
 
+def is_plain_causal(pos, horizon) -> bool:
+    """Whether that rule is SDPA's `is_causal` over a fresh sequence: every row at positions
+    0..T-1, every horizon infinite (no padding, no `consistent` mask). Kernels then skip the
+    fully masked blocks instead of reading a (B, 1, T, S) mask (about half the scores)."""
+    arange = torch.arange(pos.shape[1], device=pos.device)
+    return bool((horizon == FOREVER).all()) and torch.equal(pos, arange.expand_as(pos))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -102,7 +110,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_head)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -151,8 +159,10 @@ class LlamaModel(nn.Module):
         """
         if horizon is None:
             horizon = torch.full_like(pos, FOREVER)
+        fresh = cache is None or len(cache) == 0
         k_pos, k_hor = (pos, horizon) if cache is None else cache.extend(pos, horizon)
-        mask = attention_mask(pos, k_pos, k_hor)
+        causal = fresh and is_plain_causal(pos, horizon)  # then mask None: SDPA's is_causal
+        mask = None if causal else attention_mask(pos, k_pos, k_hor)
         cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)
         for i, layer in enumerate(self.layers):
             rows = None if ffn_rows is None else ffn_rows[i]
