@@ -6,14 +6,16 @@ Convention (what every number from this module means):
   Skip-Vision's own products (CLS-attention query, keys and scores, the merge's cosine matrix,
   the summary scorer and its pooling). Norms, activations, softmax, RoPE, residual adds,
   gathers/scatters, embedding lookups and sampling are not counted.
-- Attention is counted over the whole (T, S) score rectangle that SDPA computes with an
-  explicit mask: 4 B H T S D per layer, the masked-out area (causal, padding, the `consistent`
-  mask) included; with grouped-query attention every query head counts.
-  This is exactly what torch.utils.flop_counter.FlopCounterMode counts for these ops
-  (tests/test_flops.py; on CPU it needs the math SDPA backend or a formula for the CPU kernel).
+- Attention is counted over the whole (T, S) score rectangle: 4 B H T S D per layer, the
+  masked-out area (causal, padding, the `consistent` mask) included; with grouped-query
+  attention every query head counts. SDPA computes all of it under an explicit mask; under
+  `is_causal` (a fresh prefill without padding, llama.is_plain_causal) kernels may skip fully
+  masked blocks, so they execute fewer. This is exactly what
+  torch.utils.flop_counter.FlopCounterMode counts for these ops (tests/test_flops.py; on CPU
+  it needs the math SDPA backend or a formula for the CPU kernel).
 - The language model (LM) and the vision side (tower, projector, Skip-Vision's split, merge
-  and summary scorer) are reported separately. The paper's ratios exclude the vision encoder
-  (SPEC.md sec. 2), so `compare`'s headline ratio is the LM's prefill FLOPs.
+  and summary scorer) are reported separately. The paper's FLOPs ratios exclude the vision
+  encoder, so `compare`'s headline ratio is the LM's prefill FLOPs.
 - Prefill runs as `generate.prefill` does: logits for each row's last position only
   (`logits="all"` is `Llava.forward` and training).
 - Decode step t (0 = the first `decode_step` after prefill) attends to S0 + t + 1 cache slots.

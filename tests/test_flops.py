@@ -203,3 +203,29 @@ def test_paper_flops_ratios(lm, text, preset, paper):
     assert cfg.image_seq_length == 576
     ratio = flops.compare(cfg, text, 1, preset)["prefill"]["ratio"]
     assert abs(ratio - paper) <= 0.03, f"{lm} {preset} at {text} text tokens: {ratio:.3f}"
+
+
+@settings(max_examples=15)
+@given(m=models(), rows=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 2)), min_size=1,
+                                 max_size=3), data=st.data())
+def test_causal_fast_path_equals_the_explicit_mask(m, rows, data):
+    """Without padding, a fresh prefill runs SDPA's is_causal instead of the (B, 1, T, S) mask
+    (llama.is_plain_causal); same outputs in float64, and the rule picks it exactly then."""
+    from skipvision import llama
+    model, seed = m
+    model = model.double()
+    skip = data.draw(st.none() | skips(model.cfg), label="skip")
+    text, images = [t for t, _ in rows], [i for _, i in rows]
+    ids, mask, px = prompts(model.cfg, seed, text, images)
+    px = None if px is None else px.double()
+    with torch.no_grad():
+        inp = model.prepare(ids, px, mask, skip=skip)
+        fast = model.run(inp)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(llama, "is_plain_causal", lambda pos, horizon: False)
+            slow = model.run(inp)
+    assert torch.allclose(fast, slow, rtol=0, atol=1e-12)
+    padded = not bool(inp.attention_mask.all())
+    consistent = skip is not None and skip.mask == "consistent" and sum(images) > 0 and bool(
+        (inp.horizon < torch.iinfo(torch.int64).max).any())
+    assert llama.is_plain_causal(inp.pos, inp.horizon) == (not padded and not consistent)
