@@ -21,6 +21,7 @@ fixed number of steps). Output: a table on stdout, and benchmark.{json,md,png} i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -97,15 +98,24 @@ def build(a) -> Llava:
     cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text),
                       image_token_id=text["vocab_size"] - 1)
     torch.manual_seed(0)
-    with torch.device(a.device):
-        model = Llava(cfg)
+    with torch.device(a.device), default_dtype(DTYPES[a.dtype]), torch.no_grad():
+        model = Llava(cfg)  # built in its dtype: a 7B model never exists in float32
         for name, p in model.named_parameters():  # activations of order 1 throughout
-            with torch.no_grad():
-                if "norm" in name:
-                    p.fill_(1.0) if name.endswith("weight") else p.zero_()
-                else:
-                    p.normal_(0, 1 / max(p.shape[-1], 1) ** 0.5 if p.dim() > 1 else 0.02)
-    return model.to(DTYPES[a.dtype]).eval()
+            if "norm" in name:
+                p.fill_(1.0) if name.endswith("weight") else p.zero_()
+            else:
+                p.normal_(0, 1 / max(p.shape[-1], 1) ** 0.5 if p.dim() > 1 else 0.02)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def prompt(cfg: LlavaConfig, text: int, batch: int, device):
@@ -268,8 +278,8 @@ def hf_twin(model, a):
     from skipvision.keys import is_ignored, map_key
     cfg = HFLlavaConfig.from_dict(to_hf(model.cfg))
     cfg._attn_implementation = "sdpa"  # transformers' fastest built-in attention on CPU and GPU
-    with torch.device(a.device):
-        hf = LlavaForConditionalGeneration(cfg).to(DTYPES[a.dtype]).eval()
+    with torch.device(a.device), default_dtype(DTYPES[a.dtype]):
+        hf = LlavaForConditionalGeneration(cfg).eval()
     ours = model.state_dict()
     hf.load_state_dict({k: ours[map_key(k)] for k in hf.state_dict() if not is_ignored(k)},
                        strict=True)
@@ -295,6 +305,18 @@ def hf_decode_case(hf, ids, px, steps):
             out = hf(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{name: cache})
             tok = out.logits[:, -1].argmax(-1)
     return setup, run
+
+
+def paper_ratios(texts=(0, 16, 32, 64)) -> dict:
+    """Analytic LM prefill FLOPs ratios at the paper's geometries (576 visual tokens, 1 image)
+    for several text lengths; the paper prints 25% (100/156) and 60% (256/320)."""
+    out = {}
+    for lm in ("llama3-8b", "llava-1.5-7b"):
+        text, vision = SIZES[lm]
+        cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text))
+        out[lm] = {name: {t: flops.compare(cfg, t, 1, skip)["prefill"]["ratio"] for t in texts}
+                   for name, skip in PRESETS.items()}
+    return out
 
 
 def conditions(a) -> dict:
@@ -401,6 +423,7 @@ def run(a) -> dict:
                                        for name, (_, r) in tr.items()}
         model.eval()
     res["conditions"]["load_average_end"] = os.getloadavg()
+    res["paper_ratios"] = paper_ratios()
     kv = res["kv_bytes"]["evict_is_exactly_n_minus_ns_over_n"]
     res["targets"] = {"KV bytes after eviction = (n - N_s) / n of kv keep, exactly":
                       dict(value=kv, ok=kv)}
@@ -442,11 +465,10 @@ def table(res: dict, sk: str) -> str:
     e2e = (fl["prefill"]["skip"] + fl["vision"]["skip"]) / (fl["prefill"]["plain"]
                                                             + fl["vision"]["plain"])
     line("prefill, vision included", "prefill", "plain", sk, ms, "ms", f"{e2e:.3f} (FLOPs)")
-    dec = fl["decode"]
-    line("decode / token, kv keep", "decode", "plain", "keep", ms, "ms",
-         f"{dec['keep'] / dec['plain']:.3f} (FLOPs)")
-    line("decode / token, kv evict", "decode", "plain", "evict", ms, "ms",
-         f"{dec['evict'] / dec['plain']:.3f} (FLOPs)")
+    dec, rd = fl["decode"], fl["decode_bytes"]
+    for kv in ("keep", "evict"):
+        line(f"decode / token, kv {kv}", "decode", "plain", kv, ms, "ms",
+             f"{dec[kv] / dec['plain']:.3f} (FLOPs), {rd[kv] / rd['plain']:.3f} (bytes read)")
     if "train" in res:
         line("training step (LM)", "train", "plain", sk, ms, "ms",
              f"{fl['train']['ratio']:.3f} (FLOPs)")
@@ -471,6 +493,16 @@ def table(res: dict, sk: str) -> str:
                         f"{d['transformers']['median_s'] * ms:.1f} ms | "
                         f"{1 / d['transformers']['ratio']:.3f} |"
                         + f" {1 / d['transformers']['cpu_ratio']:.3f} |" * cpu)
+    pr = res["paper_ratios"]
+    texts = list(next(iter(next(iter(pr.values())).values())))
+    rows += ["", "LM prefill FLOPs, Skip-Vision / plain, at the paper's geometry (576 visual "
+             "tokens), by text tokens:", "",
+             "| LM | setting | " + " | ".join(f"{t} text" for t in texts) + " |",
+             "|---|---" + "|---" * len(texts) + "|"]
+    for lm, by_preset in pr.items():
+        for name, by_text in by_preset.items():
+            rows.append(f"| {lm} | {name} | "
+                        + " | ".join(f"{v:.1%}" for v in by_text.values()) + " |")
     rows += ["", "| target | value | met |", "|---|---|---|"]
     for name, t in res["targets"].items():
         v = t["value"] if isinstance(t["value"], bool) else f"{t['value']:.3f}"

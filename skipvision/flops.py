@@ -26,7 +26,8 @@ Convention (what every number from this module means):
   input embeddings need gradients).
 - Bytes: the KV cache holds 2 L B Hkv S D elements, padding slots included, as allocated.
   A forward pass reads every LM weight once (layers, final norm, lm_head; not the embedding
-  table, of which only the looked-up rows are read); a decode step also reads the whole cache.
+  table, of which only the looked-up rows are read); a prefill also writes the cache, a decode
+  step reads all of it (activations are not counted).
 
 Shapes: B batch, T prompt width (padded, as arranged), S key slots, L layers, C LM width,
 H / Hkv query / key-value heads, D head dim, F FFN width, V vocab, I images, P vision positions.
@@ -173,6 +174,12 @@ def _itemsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def prefill_bytes(cfg: LlavaConfig, g: Geometry, dtype=torch.float32) -> int:
+    """Bytes a prefill moves at least: every LM weight read once, the KV cache written once."""
+    return (lm_weight_params(cfg.text) * _itemsize(dtype)
+            + kv_bytes(cfg, g.batch, g.cache_slots(), dtype))
+
+
 def decode_bytes(cfg: LlavaConfig, g: Geometry, step: int = 0, evict: bool = False,
                  dtype=torch.float32) -> int:
     """Bytes read by decode step `step`: every LM weight once plus the whole KV cache."""
@@ -187,19 +194,23 @@ def compare(cfg: LlavaConfig, text: int | Sequence[int] = 64, images: int | Sequ
 
     `prefill` is the LM's prefill FLOPs (the paper's convention, vision excluded); `vision` the
     tower + projector (+ split/merge/summary); `decode` the FLOPs of `new_tokens - 1` decode
-    steps (the first token comes from the prefill); `kv_bytes` the cache after prefill
-    (plain; Skip-Vision with kv "keep"; with kv "evict"); `ratio` = Skip-Vision / plain.
+    steps (the first token comes from the prefill) and `decode_bytes` what they read;
+    `kv_bytes` the cache after prefill (plain; Skip-Vision with kv "keep"; with kv "evict");
+    `ratio` = Skip-Vision / plain.
     """
     skip = PRESETS[skip] if isinstance(skip, str) else skip
     gp, gs = geometry(cfg, text, images, None), geometry(cfg, text, images, skip)
     n_img = sum(_per_row(images, gp.batch))
     steps = range(max(new_tokens - 1, 0))
     dec = lambda g, ev: sum(decode_step(cfg, g, t, ev)["total"] for t in steps)
+    dec_bytes = lambda g, ev: sum(decode_bytes(cfg, g, t, ev, dtype) for t in steps)
     out = dict(
         tokens=dict(plain=gp.width, skip=gs.width, skipped=sum(gs.skipped)),
         prefill=dict(plain=prefill(cfg, gp)["total"], skip=prefill(cfg, gs)["total"]),
         vision=dict(plain=vision(cfg, n_img)["total"], skip=vision(cfg, n_img, skip)["total"]),
         decode=dict(plain=dec(gp, False), keep=dec(gs, False), evict=dec(gs, True)),
+        decode_bytes=dict(plain=dec_bytes(gp, False), keep=dec_bytes(gs, False),
+                          evict=dec_bytes(gs, True)),
         train=dict(plain=training_step(cfg, gp)["total"], skip=training_step(cfg, gs)["total"]),
         kv_bytes=dict(plain=kv_bytes(cfg, gp.batch, gp.cache_slots(), dtype),
                       keep=kv_bytes(cfg, gs.batch, gs.cache_slots(), dtype),
