@@ -33,10 +33,6 @@ def _cdist(a, b):
     return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def _seen_max(dist, mask):
-    return torch.where(mask, dist, 0).amax(-1)
-
-
 def _float64(t):
     return t.detach().double().cpu()
 
@@ -55,22 +51,21 @@ def attention_stats(att, u, cos, sin, mask_ref, mask_new):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)  # (B, H, T, D)
     scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
-    a_ref = scores.masked_fill(~mask_ref, -math.inf).softmax(-1)
-    a_new = scores.masked_fill(~mask_new, -math.inf).softmax(-1)
+    a_ref = scores.masked_fill(~mask_ref, -math.inf).log_softmax(-1).exp()
+    log_new = scores.masked_fill(~mask_new, -math.inf).log_softmax(-1)
+    a_new = log_new.exp()
     o_ref, o_new = a_ref @ v, a_new @ v  # (B, H, T, D)
     flat = lambda o: o.transpose(1, 2).reshape(B, T, H * D)  # noqa: E731
     mf = mask_new.to(u.dtype)  # (B, 1, T, T)
     mean = lambda t: mf @ t / mf.sum(-1, keepdim=True)  # noqa: E731  mean of visible keys
     wo = att.o_proj.weight.view(C, H, D).transpose(0, 1)  # (H, C, D): W_o^h
     ov, oo = v @ wo.transpose(1, 2), o_new @ wo.transpose(1, 2)  # (B, H, T, C)
-    reach = lambda c, t: _seen_max(_cdist(c, t), mask_new)  # noqa: E731
+    dist = lambda c, t: _float64(torch.where(mask_new, _cdist(c, t), 0))  # noqa: E731
     f = _float64
     stats = AttnStats(
-        q_norm=f(q.norm(dim=-1)), k_radius=f(reach(mean(k), k)),
-        v_radius=f(torch.minimum(reach(o_new, v), reach(mean(v), v))), v_reach=f(reach(o_new, v)),
-        o_norm=f(o_new.norm(dim=-1)),
-        ov_radius=f(torch.minimum(reach(oo, ov), reach(mean(ov), ov))), ov_reach=f(reach(oo, ov)),
-        attn=f(a_new), mask=mask_new.cpu(),
+        q_norm=f(q.norm(dim=-1)), k_dist=dist(mean(k), k), log_attn=f(log_new), attn=f(a_new),
+        v_dist_o=dist(o_new, v), v_dist_m=dist(mean(v), v), o_norm=f(o_new.norm(dim=-1)),
+        ov_dist_o=dist(oo, ov), ov_dist_m=dist(mean(ov), ov), mask=mask_new.cpu(),
         evict=f(F.linear(flat(o_new - o_ref), att.o_proj.weight).norm(dim=-1)))
     return att.o_proj(flat(o_ref)), stats
 
@@ -82,9 +77,11 @@ def ffn_stats(norm, mlp, h):
     act = mlp.act(gate)
     out = mlp.down_proj(act * up)
     f, n = _float64, out.norm(dim=-1)
+    core = F.linear(act * up, mlp.down_proj.weight).norm(dim=-1)
     return out, FfnStats(g_inf=f(gate.abs().amax(-1)), u_inf=f(up.abs().amax(-1)),
                          u_two=f(up.norm(dim=-1)), a_inf=f(act.abs().amax(-1)),
-                         a_two=f(act.norm(dim=-1)), dropped=f(n), ratio=f(n / h.norm(dim=-1)))
+                         a_two=f(act.norm(dim=-1)), dropped=f(n), core=f(core),
+                         ratio=f(n / h.norm(dim=-1)))
 
 
 def trace_layer(layer, x, cos, sin, mask_ref, mask_new, skip_ref):

@@ -91,7 +91,7 @@ def _w(lin):
 
 def _bias(lin, n):
     b = lin.bias
-    return torch.zeros(n, dtype=torch.float64) if b is None else b.detach().double().view(n, -1)
+    return torch.zeros(n, 1, dtype=torch.float64) if b is None else b.detach().double().view(n, -1)
 
 
 def weight_norms(layer, cfg) -> WeightNorms:
@@ -119,15 +119,17 @@ def weight_norms(layer, cfg) -> WeightNorms:
 @dataclass
 class AttnStats:
     """What Lemma 5 reads from the full run, under the perturbed run's mask (the 'hybrid' run:
-    full-run queries, keys and values, perturbed visibility). Everything float64."""
+    full-run queries, keys and values, perturbed visibility). Per query i and key j; entries
+    of keys i does not see are 0 (log_attn: -inf). Everything float64."""
     q_norm: torch.Tensor  # (B, H, T) ||q_i|| (RoPE keeps norms)
-    k_radius: torch.Tensor  # (B, H, T) max_{j visible} ||k_j - mean of visible keys||
-    v_radius: torch.Tensor  # (B, H, T) max_j ||v_j - c||, best of two centres c
-    v_reach: torch.Tensor  # (B, H, T) max_j ||v_j - o_i||
-    o_norm: torch.Tensor  # (B, H, T) ||o_i||
-    ov_radius: torch.Tensor  # (B, H, T) as v_radius for W_o^h v_j
-    ov_reach: torch.Tensor  # (B, H, T) max_j ||W_o^h (v_j - o_i)||
+    k_dist: torch.Tensor  # (B, H, T, T) ||k_j - mean of the keys i sees||
+    log_attn: torch.Tensor  # (B, H, T, T) log softmax weights
     attn: torch.Tensor  # (B, H, T, T) softmax weights
+    v_dist_o: torch.Tensor  # (B, H, T, T) ||v_j - o_i||
+    v_dist_m: torch.Tensor  # (B, H, T, T) ||v_j - mean of the values i sees||
+    o_norm: torch.Tensor  # (B, H, T) ||o_i||
+    ov_dist_o: torch.Tensor  # (B, H, T, T) ||W_o^h (v_j - o_i)||
+    ov_dist_m: torch.Tensor  # (B, H, T, T) ||W_o^h (v_j - mean)||
     mask: torch.Tensor  # (B, 1, T, T) the perturbed run's mask
     evict: torch.Tensor  # (B, T) ||W_o (o_hybrid - o_full)|| (Lemma 4), 0 without eviction
 
@@ -141,6 +143,7 @@ class FfnStats:
     a_inf: torch.Tensor  # (B, T) ||act(W_g z)||_inf
     a_two: torch.Tensor
     dropped: torch.Tensor  # (B, T) ||FFN(z)||, what Skip-FFN drops
+    core: torch.Tensor  # (B, T) ||W_d (act(W_g z) * W_u z)|| = ||FFN(z) - b_d||
     ratio: torch.Tensor  # (B, T) ||FFN(z)|| / ||h|| (paper Fig. 1)
 
 
@@ -152,19 +155,28 @@ class LayerStats:
     ffn: FfnStats
 
 
-def _visible_max(t, mask):
-    """(B, H, 1, T) per key -> (B, H, T) max over the keys each query sees."""
-    return torch.where(mask, t, 0).amax(-1)
+def softmax_intervals(log_a, b):
+    """Lemma 3(b): a = softmax(s) (log_a: -inf off the visible keys); if s~ - s = c + xi with
+    |xi_j| <= b_j, then lo_j <= a~_j <= hi_j with hi_j = min(1, a_j e^b_j / sum_k a_k e^-b_k)
+    and lo_j = a_j e^-b_j / sum_k a_k e^b_k. Returns hi and dev_j = max(hi_j - a_j, a_j - lo_j)
+    >= |a~_j - a_j|, over the last dimension."""
+    hi = (log_a + b - torch.logsumexp(log_a - b, -1, keepdim=True)).clamp(max=0).exp()
+    lo = (log_a - b - torch.logsumexp(log_a + b, -1, keepdim=True)).exp()
+    a = log_a.exp()
+    return hi, torch.maximum(hi - a, a - lo)
 
 
-def _value_path(w_head, mu, s, radius, reach, tau, cap=None):
-    """Lemma 5's value and softmax paths of every head, for ||dv_j|| <= w_head[h] mu_j:
-    min(tau radius + sum_j a~_ij ||dv_j||, reach + max_j ||dv_j||, cap)."""
-    dv = (w_head[None, :, None] * mu[:, None])[:, :, None, :]  # (B, H, 1, T)
-    dv_max, dv_avg = _visible_max(dv, s.mask), (s.attn * dv).sum(-1)
-    beta = tau * radius + torch.minimum(dv_max, dv_avg + tau / 2 * dv_max)
-    beta = torch.minimum(beta, reach + dv_max)
-    return beta if cap is None else torch.minimum(beta, cap)
+def _paths(w_head, mu, s, tau, hi, dev, dist_o, dist_m):
+    """Lemma 5, one linear image of the values (v, or W_o^h v): softmax path plus value path
+    per head and query, given ||d v_j|| <= w_head[h] mu_j. -> (B, H, T)."""
+    dv = torch.where(s.mask, (w_head[None, :, None] * mu[:, None])[:, :, None, :], 0)
+    dv_max = dv.amax(-1)  # (B, H, T)
+    value = torch.minimum(torch.minimum(dv_max, (s.attn * dv).sum(-1) + tau / 2 * dv_max),
+                          (hi * dv).sum(-1))
+    reach_o, reach_m = dist_o.amax(-1), dist_m.amax(-1)
+    soft = torch.minimum(tau * torch.minimum(reach_o, reach_m),
+                         torch.minimum((dev * dist_o).sum(-1), (dev * dist_m).sum(-1)))
+    return torch.minimum(soft + value, reach_o + dv_max)
 
 
 def attention_perturbation(mu, w: WeightNorms, s: AttnStats):
@@ -180,18 +192,22 @@ def attention_perturbation(mu, w: WeightNorms, s: AttnStats):
     dq = w.q[None, :, None] * mu[:, None]  # (B, H, T)
     q_tilde = torch.minimum(s.q_norm + dq, (w.q * rc + w.bias["q"])[None, :, None])
     dk = (w.k.repeat_interleave(H // G)[None, :, None] * mu[:, None])[:, :, None, :]
-    spread = 2 * (dq * s.k_radius + q_tilde * _visible_max(dk, s.mask)) / math.sqrt(w.head_dim)
-    tau = softmax_l1(spread)
-    v_cap = (w.v * rc + w.bias["v"]).repeat_interleave(H // G)[None, :, None] + s.o_norm
-    beta = _value_path(w.v.repeat_interleave(H // G), mu, s, s.v_radius, s.v_reach, tau, v_cap)
-    beta_out = _value_path(w.ov, mu, s, s.ov_radius, s.ov_reach, tau)
+    b = (dq[..., None] * s.k_dist + q_tilde[..., None] * dk) / math.sqrt(w.head_dim)
+    b = torch.where(s.mask, b, 0)  # (B, H, T, T): |score change - common shift| <= b
+    hi, dev = softmax_intervals(s.log_attn, b)
+    tau = torch.minimum(softmax_l1(2 * b.amax(-1)), dev.sum(-1))  # >= ||a~_i - a_i||_1
+    wv = w.v.repeat_interleave(H // G)
+    beta = torch.minimum(_paths(wv, mu, s, tau, hi, dev, s.v_dist_o, s.v_dist_m),
+                         (wv * rc + w.bias["v"].repeat_interleave(H // G))[None, :, None]
+                         + s.o_norm)
+    beta_out = _paths(w.ov, mu, s, tau, hi, dev, s.ov_dist_o, s.ov_dist_m)
     return s.evict + torch.minimum(w.o * beta.pow(2).sum(1).sqrt(), beta_out.sum(1))
 
 
 def ffn_terms(nu, w: WeightNorms, s: FfnStats) -> dict:
     """Lemma 2's terms, per token, for ||n(h~) - n(h)|| <= nu (gains folded into W_g, W_u):
     gate path c ||dG * U||, up path ||act(G) * dU||, second order c ||dG * dU||, and the
-    cap ||F(z)|| + ||F(z~)|| (|act(t)| <= |t|)."""
+    cap ||W_d (act(G) * U)|| + ||W_d (act(G~) * U~)|| (|act(t)| <= |t|)."""
     c = ACT_LIPSCHITZ[w.act]
     rc, b = math.sqrt(w.width), w.bias
     g_tilde = torch.minimum(s.g_inf + w.gate_row * nu,
@@ -200,7 +216,7 @@ def ffn_terms(nu, w: WeightNorms, s: FfnStats) -> dict:
     return dict(gate=c * nu * torch.minimum(w.gate * s.u_inf, w.gate_row * s.u_two),
                 up=nu * torch.minimum(w.up * s.a_inf, w.up_row * s.a_two),
                 second=c * nu**2 * min(w.gate_row * w.up, w.gate * w.up_row),
-                cap=s.dropped + w.down * g_tilde * u_tilde)
+                cap=s.core + w.down * g_tilde * u_tilde)
 
 
 def ffn_perturbation(nu, w: WeightNorms, s: FfnStats):
@@ -257,7 +273,7 @@ def apriori_constants(w: WeightNorms):
     k_max = (w.k * rc + w.bias["k"]).repeat_interleave(rep)
     v_max = (w.v * rc + w.bias["v"]).repeat_interleave(rep)
     wk, wv = w.k.repeat_interleave(rep), w.v.repeat_interleave(rep)
-    per_head = (w.q * k_max + q_max * wk) / math.sqrt(w.head_dim) * 2 * v_max + wv
+    per_head = (w.q * k_max + q_max * wk) / math.sqrt(w.head_dim) * v_max + wv
     l_attn = w.o * per_head.pow(2).sum().sqrt().item() / math.sqrt(w.eps)
     u_inf = w.up_row * rc + w.bias["up_inf"]
     a_inf = w.gate_row * rc + w.bias["gate_inf"]
