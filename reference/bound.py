@@ -130,11 +130,15 @@ def layer_bound(layer, cfg, x, pos, mask_ref, mask_new, skip_ref, skip_new, delt
             gate = c * nu * min(spec(Wg) * U.abs().max().item(), row(Wg) * U.norm().item())
             up = nu * min(spec(Wu) * A.abs().max().item(), row(Wu) * A.norm().item())
             second = c * nu * nu * min(row(Wg) * spec(Wu), spec(Wg) * row(Wu))
-            bg = 0.0 if mlp.gate_proj.bias is None else mlp.gate_proj.bias.abs().max().item()
-            bu = 0.0 if mlp.up_proj.bias is None else mlp.up_proj.bias.norm().item()
-            cap = core + spec(Wd) * min(G_.abs().max().item() + row(Wg) * nu,
-                                        row(Wg) * math.sqrt(C) + bg) * min(
-                U.norm().item() + spec(Wu) * nu, spec(Wu) * math.sqrt(C) + bu)
+            zero = torch.zeros(1, dtype=torch.float64)
+            bias_g = zero if mlp.gate_proj.bias is None else mlp.gate_proj.bias.double()
+            bias_u = zero if mlp.up_proj.bias is None else mlp.up_proj.bias.double()
+            rc = math.sqrt(C)  # ||n(h~)|| < sqrt(C)
+            g_inf = min(G_.abs().max().item() + row(Wg) * nu, row(Wg) * rc + bias_g.abs().max())
+            g_two = min(G_.norm().item() + spec(Wg) * nu, spec(Wg) * rc + bias_g.norm())
+            u_inf = min(U.abs().max().item() + row(Wu) * nu, row(Wu) * rc + bias_u.abs().max())
+            u_two = min(U.norm().item() + spec(Wu) * nu, spec(Wu) * rc + bias_u.norm())
+            cap = core + spec(Wd) * min(g_inf * u_two, g_two * u_inf)
             d_ffn = min(spec(Wd) * (gate + up + second), cap)
             sr, sn = bool(skip_ref[b, i]), bool(skip_new[b, i])
             # the perturbed row runs the FFN: its change; the runs disagree: the FFN output

@@ -78,7 +78,8 @@ def ffn_stats(norm, mlp, h):
     out = mlp.down_proj(act * up)
     f, n = _float64, out.norm(dim=-1)
     core = F.linear(act * up, mlp.down_proj.weight).norm(dim=-1)
-    return out, FfnStats(g_inf=f(gate.abs().amax(-1)), u_inf=f(up.abs().amax(-1)),
+    return out, FfnStats(g_inf=f(gate.abs().amax(-1)), g_two=f(gate.norm(dim=-1)),
+                         u_inf=f(up.abs().amax(-1)),
                          u_two=f(up.norm(dim=-1)), a_inf=f(act.abs().amax(-1)),
                          a_two=f(act.norm(dim=-1)), dropped=f(n), core=f(core),
                          ratio=f(n / h.norm(dim=-1)))

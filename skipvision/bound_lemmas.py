@@ -63,7 +63,7 @@ class WeightNorms:
     gate_row: float  # max row norm of W_g diag(g2): ||W_g diag(g2) z||_inf <= gate_row ||z||
     up_row: float
     down: float  # ||W_d||_2
-    bias: dict  # bias norms: q (H,), k (G,), v (G,), gate_inf, up_inf, up_two
+    bias: dict  # bias norms: q (H,), k (G,), v (G,), gate_inf, gate_two, up_inf, up_two
     eps: float
     width: int
     head_dim: int
@@ -105,7 +105,7 @@ def weight_norms(layer, cfg) -> WeightNorms:
     bg, bu = _bias(m.gate_proj, 1), _bias(m.up_proj, 1)
     bias = dict(q=_bias(a.q_proj, H).norm(dim=-1), k=_bias(a.k_proj, G).norm(dim=-1),
                 v=_bias(a.v_proj, G).norm(dim=-1), gate_inf=bg.abs().max().item(),
-                up_inf=bu.abs().max().item(), up_two=bu.norm().item())
+                gate_two=bg.norm().item(), up_inf=bu.abs().max().item(), up_two=bu.norm().item())
     spec = spectral_norm
     return WeightNorms(
         q=spec((_w(a.q_proj) * g1).view(H, D, C)), k=spec((_w(a.k_proj) * g1).view(G, D, C)),
@@ -138,6 +138,7 @@ class AttnStats:
 class FfnStats:
     """What Lemma 2 reads from the full run's FFN sub-block, z = RMSNorm(h) (float64)."""
     g_inf: torch.Tensor  # (B, T) ||W_g z||_inf
+    g_two: torch.Tensor  # (B, T) ||W_g z||_2
     u_inf: torch.Tensor  # (B, T) ||W_u z||_inf
     u_two: torch.Tensor  # (B, T) ||W_u z||_2
     a_inf: torch.Tensor  # (B, T) ||act(W_g z)||_inf
@@ -207,16 +208,18 @@ def attention_perturbation(mu, w: WeightNorms, s: AttnStats):
 def ffn_terms(nu, w: WeightNorms, s: FfnStats) -> dict:
     """Lemma 2's terms, per token, for ||n(h~) - n(h)|| <= nu (gains folded into W_g, W_u):
     gate path c ||dG * U||, up path ||act(G) * dU||, second order c ||dG * dU||, and the
-    cap ||W_d (act(G) * U)|| + ||W_d (act(G~) * U~)|| (|act(t)| <= |t|)."""
+    cap ||W_d (act(G) * U)|| + ||W_d (act(G~) * U~)|| (|act(t)| <= |t|, Hoelder both ways)."""
     c = ACT_LIPSCHITZ[w.act]
     rc, b = math.sqrt(w.width), w.bias
-    g_tilde = torch.minimum(s.g_inf + w.gate_row * nu,
-                            torch.full_like(nu, w.gate_row * rc + b["gate_inf"]))
-    u_tilde = torch.minimum(s.u_two + w.up * nu, torch.full_like(nu, w.up * rc + b["up_two"]))
+    full = lambda t: torch.full_like(nu, t)  # noqa: E731
+    g_inf = torch.minimum(s.g_inf + w.gate_row * nu, full(w.gate_row * rc + b["gate_inf"]))
+    g_two = torch.minimum(s.g_two + w.gate * nu, full(w.gate * rc + b["gate_two"]))
+    u_inf = torch.minimum(s.u_inf + w.up_row * nu, full(w.up_row * rc + b["up_inf"]))
+    u_two = torch.minimum(s.u_two + w.up * nu, full(w.up * rc + b["up_two"]))
     return dict(gate=c * nu * torch.minimum(w.gate * s.u_inf, w.gate_row * s.u_two),
                 up=nu * torch.minimum(w.up * s.a_inf, w.up_row * s.a_two),
                 second=c * nu**2 * min(w.gate_row * w.up, w.gate * w.up_row),
-                cap=s.core + w.down * g_tilde * u_tilde)
+                cap=s.core + w.down * torch.minimum(g_inf * u_two, g_two * u_inf))
 
 
 def ffn_perturbation(nu, w: WeightNorms, s: FfnStats):
