@@ -620,20 +620,74 @@ def test_bound_smoke():
         bound.skip_kv_bound(model, x, pos, sk, 6, horizon)
 
 
+# ---------------------------------------------------------------- examples/check_bound.py, SmolLM2
+TABLES: list[str] = []  # printed in the summary
+
+
+def check_bound_example():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "check_bound.py"
+    spec = importlib.util.spec_from_file_location("check_bound", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_bound_example_runs(tmp_path):
+    out = check_bound_example().main(["--out", str(tmp_path / "bound.png")])
+    assert (tmp_path / "bound.png").stat().st_size > 0 and not out["ffn"].violations()
+
+
+def record_real(name, r):
+    """Per layer: worst per-token measured/bound and max/max, as ratios over the 30 layers."""
+    rows = r.table()
+    TABLES.append(f"{name}\n{r.format()}")
+    depth = [t for t in rows if t["layer"].isdigit() and t["measured"] > 0]
+    for key in ("one_step", "end_to_end"):
+        RATIOS[f"{name} {key} per token (layers)"] += [t[f"ratio_{key}"] for t in depth]
+        RATIOS[f"{name} {key} max/max (layers)"] += [t["measured"] / t[key] for t in depth]
+    for t in rows:
+        if not t["layer"].isdigit():
+            RATIOS[f"{name} end-to-end {t['layer']}"].append(t["ratio_end_to_end"])
+
+
+@pytest.mark.real
+def test_smollm2_bound():
+    """Real SmolLM2-135M weights (30 layers), random visual tokens in the paper's layout,
+    Skip-FFN in every layer, then Skip-KV for 3 decode tokens: the bounds hold; the summary
+    shows how tight they are at depth 30."""
+    from skipvision.gguf import gguf_tokenizer, load_gguf
+    ex = check_bound_example()
+    model = load_gguf(dtype=torch.float64)
+    embeds, pos, horizon, skipped, visual = ex.smollm2_input(model, gguf_tokenizer(), 24, 40,
+                                                             "random", 0)
+    out = ex.run(model, embeds, pos, horizon, skipped, visual, set(range(30)), 3)
+    for name in ("ffn", "kv"):
+        assert not out[name].violations(RTOL, ATOL), out[name].violations(RTOL, ATOL)
+        assert out[name].measured[-1].max() > 0
+        record_real(f"SmolLM2 Skip-{name.upper()}", out[name])
+    TABLES.append(f"SmolLM2 FFN update ratio (paper Fig. 1)\n{ex.ratio_table(out)}")
+
+
 # ---------------------------------------------------------------- summary at the end
 class _Summary:
     """Prints median and worst measured/bound per property, and the weakened-bound finds."""
 
     def pytest_terminal_summary(self, terminalreporter):
-        if not RATIOS and not FOUND:
+        if not RATIOS and not FOUND and not TABLES:
             return
         w = terminalreporter
         w.section("error bound: measured / bound (1 = tight, > 1 = violated)")
-        w.write_line(f"{'property':<44} {'cases':>6} {'median':>9} {'worst':>9}")
+        w.write_line(f"{'property':<52} {'cases':>6} {'median':>9} {'worst':>9}")
         for name, r in sorted(RATIOS.items()):
-            w.write_line(f"{name:<44} {len(r):>6} {statistics.median(r):9.3g} {max(r):9.3g}")
+            w.write_line(f"{name:<52} {len(r):>6} {statistics.median(r):9.3g} {max(r):9.3g}")
         for name, r in sorted(FOUND.items()):
-            w.write_line(f"{name + ' (weakened)':<44} {'found':>6} {'':>9} {r:9.3g}")
+            w.write_line(f"{name + ' (weakened)':<52} {'found':>6} {'':>9} {r:9.3g}")
+        for table in TABLES:
+            w.write_line("")
+            for line in table.splitlines():
+                w.write_line(line)
 
 
 @pytest.fixture(scope="module", autouse=True)
