@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,8 @@ from torch.utils._pytree import tree_flatten
 from skipvision import KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, flops
 from skipvision.generate import decode_step, prefill
 from skipvision.skip import PRESETS, SkipConfig
+
+import benchmark_report as report  # examples/, next to this file
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16, image_size=336, patch_size=14)  # LLaVA-1.5's tower
@@ -319,241 +320,87 @@ def paper_ratios(texts=(0, 16, 32, 64)) -> dict:
     return out
 
 
-def conditions(a) -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = dict(device=a.device, dtype=a.dtype, threads=torch.get_num_threads(),
-               cpu=cpu, cores=os.cpu_count(), torch=torch.__version__,
-               python=platform.python_version(), load_average_start=os.getloadavg())
-    if torch.device(a.device).type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(a.device)
-    try:
-        import transformers
-        out["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return out
-
-
 def run(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     skip_parts = set(filter(None, a.skip_parts.split(",")))
-    res = dict(args=vars(a), conditions=conditions(a))
+    res = dict(args=vars(a), conditions=report.conditions(a))
     model = build(a)
-    cfg, skip = model.cfg, parse_skip(a.preset)
-    sweep = [parse_skip(s) for s in a.sweep.split(",")] if "sweep" not in skip_parts else []
+    cfg, skip, steps = model.cfg, parse_skip(a.preset), a.new_tokens
+    L, sk = cfg.text.num_hidden_layers, label(skip)
+    sweep = [] if "sweep" in skip_parts else [parse_skip(s) for s in a.sweep.split(",")]
     ids, mask, px = prompt(cfg, a.text, a.batch, a.device)
-    dtype, steps = DTYPES[a.dtype], a.new_tokens
+    counts = dict(text=[a.text] * a.batch, images=[1] * a.batch)
     res["config"] = dict(text=vars(cfg.text) | {"rope": vars(cfg.text.rope)},
                          vision=vars(cfg.vision), image_tokens=cfg.image_seq_length)
-    with torch.inference_mode():
-        inp = {"plain": model.prepare(ids, px, mask), label(skip): model.prepare(ids, px, mask,
-                                                                                 skip=skip)}
-        for s in sweep:
-            inp.setdefault(label(s), model.prepare(ids, px, mask, skip=s))
-    sk = label(skip)
-    fl = flops.compare(cfg, [a.text] * a.batch, [1] * a.batch, skip, steps + 1, dtype)
-    res["flops"] = fl
-    res["flops_sweep"] = {label(s): flops.compare(cfg, [a.text] * a.batch, [1] * a.batch, s)
-                          for s in sweep}
-    print(f"model: LM {cfg.text.num_hidden_layers} x {cfg.text.hidden_size} (FFN "
-          f"{cfg.text.intermediate_size}, {cfg.text.num_attention_heads}/"
-          f"{cfg.text.num_key_value_heads} heads, vocab {cfg.text.vocab_size}); vision "
-          f"{cfg.vision.num_hidden_layers} x {cfg.vision.hidden_size}, {cfg.image_seq_length} "
-          f"visual tokens; prompt {a.batch} x ({a.text} text + 1 image) = "
+    fl = res["flops"] = flops.compare(cfg, **counts, skip=skip, new_tokens=steps + 1,
+                                      dtype=DTYPES[a.dtype])
+    res["flops_sweep"] = {label(s): flops.compare(cfg, **counts, skip=s) for s in [skip, *sweep]}
+    print(f"LM {L} x {cfg.text.hidden_size}, vision {cfg.vision.num_hidden_layers} x "
+          f"{cfg.vision.hidden_size}; {a.batch} x ({a.text} text + 1 image): "
           f"{fl['tokens']['plain']} tokens plain, {fl['tokens']['skip']} Skip-Vision {sk}",
           file=sys.stderr)
-
     with torch.inference_mode():
-        cases = {name: lm_prefill_case(model, x) for name, x in inp.items()}
-        res["lm_prefill"] = summary(interleaved(cases, a), "plain")
-        print("timed: LM prefill", file=sys.stderr)
+        inp = {"plain": model.prepare(ids, px, mask), sk: model.prepare(ids, px, mask, skip=skip)}
+        for s in sweep:
+            inp.setdefault(label(s), model.prepare(ids, px, mask, skip=s))
+        res["lm_prefill"] = summary(interleaved({n: lm_prefill_case(model, x)
+                                                 for n, x in inp.items()}, a), "plain")
         hf = None if "hf" in skip_parts else hf_twin(model, a)
-        L = cfg.text.num_hidden_layers
-        e2e = {"plain": (lambda: None, lambda _: prefill(model, model.prepare(ids, px, mask),
-                                                         KVCache(L))),
-               sk: (lambda: None, lambda _: prefill(model, model.prepare(ids, px, mask,
-                                                                         skip=skip), KVCache(L)))}
-        if hf is not None:
-            e2e["transformers"] = (lambda: None, lambda _: hf_prefill(hf, ids, px))
-            ours = prefill(model, inp["plain"], KVCache(L)).float()
-            theirs = hf_prefill(hf, ids, px).logits[:, -1].float()
-            res["transformers_max_abs_logit_diff"] = (ours - theirs).abs().max().item()
-        res["prefill"] = summary(interleaved(e2e, a), "plain")
-        print("timed: prefill end to end", file=sys.stderr)
+        e2e = {name: (lambda: None, lambda _, s=s: prefill(
+            model, model.prepare(ids, px, mask, skip=s), KVCache(L)))
+            for name, s in (("plain", None), (sk, skip))}
         dec = {"plain": decode_case(model, inp["plain"], False, steps),
                "keep": decode_case(model, inp[sk], False, steps),
                "evict": decode_case(model, inp[sk], True, steps)}
         if hf is not None:
+            e2e["transformers"] = (lambda: None, lambda _: hf_prefill(hf, ids, px))
             dec["transformers"] = hf_decode_case(hf, ids, px, steps)
+            ours = prefill(model, inp["plain"], KVCache(L)).float()
+            theirs = hf_prefill(hf, ids, px).logits[:, -1].float()
+            res["transformers_max_abs_logit_diff"] = (ours - theirs).abs().max().item()
+        res["prefill"] = summary(interleaved(e2e, a), "plain")
         res["decode"] = summary(interleaved(dec, a), "plain", per=steps)
-        print("timed: decode", file=sys.stderr)
-        kv = {}
-        for name, x, evict in (("plain", inp["plain"], False), ("keep", inp[sk], False),
-                               ("evict", inp[sk], True)):
-            cache = KVCache(L)
-            prefill(model, x, cache)
-            if evict:
-                cache.keep(~x.layout.skipped)
-            kv[name] = cache.nbytes()
-        n, n_s = fl["tokens"]["skip"], fl["tokens"]["skipped"]
-        res["kv_bytes"] = dict(kv, analytic=fl["kv_bytes"],
-                               evict_is_exactly_n_minus_ns_over_n=kv["evict"] * n == kv["keep"]
-                               * (n - n_s) and a.batch == 1)
+        res["kv_bytes"] = kv_bytes(model, inp["plain"], inp[sk], skip)
         if "memory" not in skip_parts:
-            res["peak_prefill_bytes"] = {
-                "plain": peak_bytes(lambda: e2e["plain"][1](None), a.device),
-                sk: peak_bytes(lambda: e2e[sk][1](None), a.device)}
+            res["peak_prefill_bytes"] = {n: peak_bytes(lambda r=r: r(None), a.device)
+                                         for n, (_, r) in e2e.items() if n != "transformers"}
     if "train" not in skip_parts:
         model.train()
-        with torch.no_grad():
+        with torch.no_grad():  # autograd cannot save inference tensors
             tin = {"plain": model.prepare(ids, px, mask),
                    sk: model.prepare(ids, px, mask, skip=skip)}
         opt = adamw(model.language_model.parameters())
         tr = {name: train_case(model, x, opt) for name, x in tin.items()}
         res["train"] = summary(interleaved(tr, a), "plain")
-        print("timed: training step", file=sys.stderr)
         if "memory" not in skip_parts:
-            res["peak_train_bytes"] = {name: peak_bytes(lambda r=r: r(None), a.device)
-                                       for name, (_, r) in tr.items()}
-        model.eval()
+            res["peak_train_bytes"] = {n: peak_bytes(lambda r=r: r(None), a.device)
+                                       for n, (_, r) in tr.items()}
     res["conditions"]["load_average_end"] = os.getloadavg()
     res["paper_ratios"] = paper_ratios()
-    kv = res["kv_bytes"]["evict_is_exactly_n_minus_ns_over_n"]
+    kv = res["kv_bytes"]["evict_is_exactly_(n-N_s)/n_of_keep"]
     res["targets"] = {"KV bytes after eviction = (n - N_s) / n of kv keep, exactly":
                       dict(value=kv, ok=kv)}
-    res["targets"] |= {f"{k} (wall)": v for k, v in targets(res, sk).items()}
+    res["targets"] |= {f"{k} (wall)": v for k, v in report.targets(res, sk).items()}
     if torch.device(a.device).type == "cpu":
-        res["targets"] |= {f"{k} (CPU time)": v for k, v in targets(res, sk, "cpu_").items()}
+        res["targets"] |= {f"{k} (CPU time)": v
+                           for k, v in report.targets(res, sk, "cpu_").items()}
     return res
 
 
-def targets(res: dict, sk: str, clock: str = "") -> dict:
-    """The claims this benchmark checks, with measured values and verdicts (clock "" = wall,
-    "cpu_" = CPU time)."""
-    fl, out, r = res["flops"], {}, clock + "ratio"
-    t = res["lm_prefill"][sk][r] / fl["prefill"]["ratio"]
-    out["LM prefill time ratio / FLOPs ratio <= 1.15"] = dict(value=t, ok=t <= 1.15)
-    if "train" in res:
-        t = res["train"][sk][r] / fl["train"]["ratio"]
-        out["training step time ratio / FLOPs ratio <= 1.15"] = dict(value=t, ok=t <= 1.15)
-    for part in ("prefill", "decode"):
-        if "transformers" in res[part]:
-            v = 1 / res[part]["transformers"][r]  # ours / theirs, paired per repeat
-            out[f"ours / transformers, {part} <= 1.0"] = dict(value=v, ok=v <= 1.0)
+def kv_bytes(model, plain, sv, skip) -> dict:
+    """KVCache.nbytes() after prefill: plain, Skip-Vision kept, Skip-Vision evicted."""
+    out = {}
+    for name, inp, evict in (("plain", plain, False), ("keep", sv, False), ("evict", sv, True)):
+        cache = KVCache(model.cfg.text.num_hidden_layers)
+        prefill(model, inp, cache)
+        if evict:
+            cache.keep(~inp.layout.skipped)
+        out[name] = cache.nbytes()
+    n = sv.embeds.shape[1]  # every row has the same arranged length n and N_s skipped tokens
+    out["evict_is_exactly_(n-N_s)/n_of_keep"] = out["evict"] * n == out["keep"] * (
+        n - skip.skipped)
     return out
-
-
-def table(res: dict, sk: str) -> str:
-    fl, ms, mib = res["flops"], 1e3, 1 / 2**20
-    cpu = res["conditions"]["device"] == "cpu"
-    rows = [f"| measured (medians) | plain | Skip-Vision {sk} | ratio, wall "
-            + "| ratio, CPU time " * cpu + "| analytic ratio |", "|---" * (5 + cpu) + "|"]
-
-    def line(what, part, a, b, scale, unit, analytic):
-        d = res[part]
-        rows.append(f"| {what} | {d[a]['median_s'] * scale:.1f} {unit} | "
-                    f"{d[b]['median_s'] * scale:.1f} {unit} | {d[b]['ratio']:.3f} | "
-                    + f"{d[b]['cpu_ratio']:.3f} | " * cpu + f"{analytic} |")
-    line("LM prefill", "lm_prefill", "plain", sk, ms, "ms",
-         f"{fl['prefill']['ratio']:.3f} (FLOPs)")
-    e2e = (fl["prefill"]["skip"] + fl["vision"]["skip"]) / (fl["prefill"]["plain"]
-                                                            + fl["vision"]["plain"])
-    line("prefill, vision included", "prefill", "plain", sk, ms, "ms", f"{e2e:.3f} (FLOPs)")
-    dec, rd = fl["decode"], fl["decode_bytes"]
-    for kv in ("keep", "evict"):
-        line(f"decode / token, kv {kv}", "decode", "plain", kv, ms, "ms",
-             f"{dec[kv] / dec['plain']:.3f} (FLOPs), {rd[kv] / rd['plain']:.3f} (bytes read)")
-    if "train" in res:
-        line("training step (LM)", "train", "plain", sk, ms, "ms",
-             f"{fl['train']['ratio']:.3f} (FLOPs)")
-    kv, gap = res["kv_bytes"], "| " * cpu
-    rows.append(f"| KV cache after prefill | {kv['plain'] * mib:.2f} MiB | keep "
-                f"{kv['keep'] * mib:.2f} / evict {kv['evict'] * mib:.2f} MiB | "
-                f"{kv['keep'] / kv['plain']:.3f} / {kv['evict'] / kv['plain']:.3f} | {gap}"
-                f"{fl['kv_bytes']['keep'] / fl['kv_bytes']['plain']:.3f} / "
-                f"{fl['kv_bytes']['evict'] / fl['kv_bytes']['plain']:.3f} (bytes) |")
-    for part, what in (("peak_prefill_bytes", "peak memory, prefill"),
-                       ("peak_train_bytes", "peak memory, training step")):
-        if part in res:
-            p, s = res[part]["plain"], res[part][sk]
-            rows.append(f"| {what} | {p * mib:.1f} MiB | {s * mib:.1f} MiB | {s / p:.3f} | "
-                        f"{gap}|")
-    if "transformers" in res["prefill"]:
-        rows += ["", "| ours (plain) vs transformers | ours | transformers | ours / theirs, "
-                 "wall |" + " ours / theirs, CPU time |" * cpu, "|---" * (4 + cpu) + "|"]
-        for part, per in (("prefill", "prefill, vision included"), ("decode", "decode / token")):
-            d = res[part]
-            rows.append(f"| {per} | {d['plain']['median_s'] * ms:.1f} ms | "
-                        f"{d['transformers']['median_s'] * ms:.1f} ms | "
-                        f"{1 / d['transformers']['ratio']:.3f} |"
-                        + f" {1 / d['transformers']['cpu_ratio']:.3f} |" * cpu)
-    pr = res["paper_ratios"]
-    texts = list(next(iter(next(iter(pr.values())).values())))
-    rows += ["", "LM prefill FLOPs, Skip-Vision / plain, at the paper's geometry (576 visual "
-             "tokens), by text tokens:", "",
-             "| LM | setting | " + " | ".join(f"{t} text" for t in texts) + " |",
-             "|---|---" + "|---" * len(texts) + "|"]
-    for lm, by_preset in pr.items():
-        for name, by_text in by_preset.items():
-            rows.append(f"| {lm} | {name} | "
-                        + " | ".join(f"{v:.1%}" for v in by_text.values()) + " |")
-    rows += ["", "| target | value | met |", "|---|---|---|"]
-    for name, t in res["targets"].items():
-        v = t["value"] if isinstance(t["value"], bool) else f"{t['value']:.3f}"
-        rows.append(f"| {name} | {v} | {'yes' if t['ok'] else 'NO'} |")
-    return "\n".join(rows)
-
-
-def plot(res: dict, path: Path) -> bool:
-    """Left: LM prefill time (bars) and FLOPs (dots, right axis scaled so that plain's dot sits
-    on plain's bar: a bar below its dot ran faster per FLOP than plain). Right: ratios."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return False
-    names = sorted((n for n in res["flops_sweep"] if n in res["lm_prefill"]),
-                   key=lambda n: tuple(map(int, n.split("/"))))
-    lm, fs = res["lm_prefill"], res["flops_sweep"]
-    n_img = res["config"]["image_tokens"]
-    ms = [lm["plain"]["median_s"] * 1e3] + [lm[n]["median_s"] * 1e3 for n in names]
-    gf = [fs[names[0]]["prefill"]["plain"] / 1e9] + [fs[n]["prefill"]["skip"] / 1e9
-                                                     for n in names]
-    x = list(range(len(ms)))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.bar(x, ms, 0.6, color=["0.6"] + ["tab:blue"] * len(names), label="time (median)")
-    ax1.set_ylabel("LM prefill, ms")
-    ax1.set_xticks(x, [f"plain\n{n_img} tokens"] + names)
-    ax1.set_xlabel("N_r / N_s")
-    twin = ax1.twinx()
-    twin.plot(x, gf, "o", color="tab:orange", label="GFLOPs (analytic)")
-    twin.set_ylim(0, ax1.get_ylim()[1] * gf[0] / ms[0])
-    twin.set_ylabel("LM prefill, GFLOPs")
-    h1, l1 = ax1.get_legend_handles_labels()
-    h2, l2 = twin.get_legend_handles_labels()
-    ax1.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
-    ax2.plot(x[1:], [lm[n]["ratio"] for n in names], "o-", label="time (median paired ratio)")
-    ax2.plot(x[1:], [fs[n]["prefill"]["ratio"] for n in names], "s--", label="FLOPs")
-    ax2.set_xticks(x[1:], names)
-    ax2.set_xlabel("N_r / N_s")
-    ax2.set_ylabel("Skip-Vision / plain, LM prefill")
-    ax2.set_ylim(0, 1)
-    ax2.legend(fontsize=8)
-    c = res["conditions"]
-    fig.suptitle(f"{c['device']} {c['dtype']}, {c.get('gpu', c['cpu'])}, {c['threads']} "
-                 f"threads; prompt of {res['flops']['tokens']['plain']} tokens", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
 
 
 def main(argv=None):
@@ -564,7 +411,7 @@ def main(argv=None):
     sk = label(parse_skip(a.preset))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = table(res, sk)
+    text = report.table(res, sk)
     c = res["conditions"]
     head = (f"{c['device']} {c['dtype']} ({c.get('gpu', c['cpu'])}, {c['threads']} threads), "
             f"torch {c['torch']}; load average {c['load_average_start'][0]:.2f} at start, "
@@ -573,7 +420,7 @@ def main(argv=None):
     print(head + "\n\n" + text)
     (out / "benchmark.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "benchmark.md").write_text(head + "\n\n" + text + "\n")
-    plot(res, out / "benchmark.png")
+    report.plot(res, out / "benchmark.png")
     print(f"\nwrote {out}/benchmark.json, .md" + ", .png" * (out / "benchmark.png").exists(),
           file=sys.stderr)
 
