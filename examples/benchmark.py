@@ -21,24 +21,18 @@ fixed number of steps). Output: a table on stdout, and benchmark.{json,md,png} i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import statistics
 import sys
-import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from skipvision import KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, flops
 from skipvision.generate import decode_step, prefill
 from skipvision.skip import PRESETS, SkipConfig
 
-import benchmark_report as report  # examples/, next to this file
+import benchmark_lib as lib  # examples/, next to this file
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16, image_size=336, patch_size=14)  # LLaVA-1.5's tower
@@ -99,7 +93,7 @@ def build(a) -> Llava:
     cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text),
                       image_token_id=text["vocab_size"] - 1)
     torch.manual_seed(0)
-    with torch.device(a.device), default_dtype(DTYPES[a.dtype]), torch.no_grad():
+    with torch.device(a.device), lib.default_dtype(DTYPES[a.dtype]), torch.no_grad():
         model = Llava(cfg)  # built in its dtype: a 7B model never exists in float32
         for name, p in model.named_parameters():  # activations of order 1 throughout
             if "norm" in name:
@@ -107,16 +101,6 @@ def build(a) -> Llava:
             else:
                 p.normal_(0, 1 / max(p.shape[-1], 1) ** 0.5 if p.dim() > 1 else 0.02)
     return model.eval()
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def prompt(cfg: LlavaConfig, text: int, batch: int, device):
@@ -128,93 +112,6 @@ def prompt(cfg: LlavaConfig, text: int, batch: int, device):
     S = cfg.vision.image_size
     px = torch.randn(batch, 3, S, S, generator=g)
     return ids.to(device), torch.ones_like(ids, dtype=torch.bool), px.to(device)
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(cases: dict, a) -> dict:
-    """cases: name -> (setup, run). run(setup()) is timed; every repeat runs every case once,
-    the order reversed on odd repeats. Returns name -> {"wall": [s, ...], "cpu": [s, ...]}:
-    wall-clock and this process's CPU time (on CPU with --threads 1, CPU time is the time
-    the call computed, whatever else the machine ran meanwhile)."""
-    times = {name: dict(wall=[], cpu=[]) for name in cases}
-    names = list(cases)
-    for i in range(a.warmup + a.repeats):
-        for name in names if i % 2 == 0 else names[::-1]:
-            setup, run = cases[name]
-            state = setup()
-            sync(a.device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            run(state)
-            sync(a.device)
-            if i >= a.warmup:
-                times[name]["wall"].append(time.perf_counter() - t0)
-                times[name]["cpu"].append(time.process_time() - c0)
-    return times
-
-
-def summary(times: dict, base: str, per: int = 1) -> dict:
-    """Per case and clock: median seconds (divided by `per`), the median over repeats of the
-    ratio to `base` in the same repeat, and the raw seconds."""
-    out = {}
-    for name, clocks in times.items():
-        out[name] = {}
-        for clock, t in clocks.items():
-            pre = "" if clock == "wall" else "cpu_"
-            out[name][pre + "median_s"] = statistics.median(t) / per
-            out[name][pre + "ratio"] = statistics.median(
-                x / y for x, y in zip(t, times[base][clock]))
-            out[name][pre + "times_s"] = [x / per for x in t]
-    return out
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensor storages created during a call and alive at once (any device).
-
-    Storages that existed before (weights, optimizer state) are not counted; a storage stays
-    counted while anything holds it, autograd's saved tensors included.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = set(), 0, 0
-
-    def _free(self, key, nbytes):
-        self.live.discard(key)
-        self.now -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            st = t.untyped_storage()
-            key = (st.device, st.data_ptr())
-            if st.nbytes() == 0 or key in self.live or key[1] in inputs:
-                continue
-            self.live.add(key)
-            self.now += st.nbytes()
-            self.peak = max(self.peak, self.now)
-            weakref.finalize(st, self._free, key, st.nbytes())
-        return out
-
-
-def peak_bytes(fn, device) -> int:
-    if torch.device(device).type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with PeakMemory() as m:
-        fn()
-    return m.peak
 
 
 def lm_prefill_case(model, inp):
@@ -279,7 +176,7 @@ def hf_twin(model, a):
     from skipvision.keys import is_ignored, map_key
     cfg = HFLlavaConfig.from_dict(to_hf(model.cfg))
     cfg._attn_implementation = "sdpa"  # transformers' fastest built-in attention on CPU and GPU
-    with torch.device(a.device), default_dtype(DTYPES[a.dtype]):
+    with torch.device(a.device), lib.default_dtype(DTYPES[a.dtype]):
         hf = LlavaForConditionalGeneration(cfg).eval()
     ours = model.state_dict()
     hf.load_state_dict({k: ours[map_key(k)] for k in hf.state_dict() if not is_ignored(k)},
@@ -324,7 +221,7 @@ def run(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     skip_parts = set(filter(None, a.skip_parts.split(",")))
-    res = dict(args=vars(a), conditions=report.conditions(a))
+    res = dict(args=vars(a), conditions=lib.conditions(a))
     model = build(a)
     cfg, skip, steps = model.cfg, parse_skip(a.preset), a.new_tokens
     L, sk = cfg.text.num_hidden_layers, label(skip)
@@ -344,7 +241,7 @@ def run(a) -> dict:
         inp = {"plain": model.prepare(ids, px, mask), sk: model.prepare(ids, px, mask, skip=skip)}
         for s in sweep:
             inp.setdefault(label(s), model.prepare(ids, px, mask, skip=s))
-        res["lm_prefill"] = summary(interleaved({n: lm_prefill_case(model, x)
+        res["lm_prefill"] = lib.summary(lib.interleaved({n: lm_prefill_case(model, x)
                                                  for n, x in inp.items()}, a), "plain")
         hf = None if "hf" in skip_parts else hf_twin(model, a)
         e2e = {name: (lambda: None, lambda _, s=s: prefill(
@@ -359,12 +256,15 @@ def run(a) -> dict:
             ours = prefill(model, inp["plain"], KVCache(L)).float()
             theirs = hf_prefill(hf, ids, px).logits[:, -1].float()
             res["transformers_max_abs_logit_diff"] = (ours - theirs).abs().max().item()
-        res["prefill"] = summary(interleaved(e2e, a), "plain")
-        res["decode"] = summary(interleaved(dec, a), "plain", per=steps)
+        res["prefill"] = lib.summary(lib.interleaved(e2e, a), "plain")
+        res["decode"] = lib.summary(lib.interleaved(dec, a), "plain", per=steps)
         res["kv_bytes"] = kv_bytes(model, inp["plain"], inp[sk], skip)
         if "memory" not in skip_parts:
-            res["peak_prefill_bytes"] = {n: peak_bytes(lambda r=r: r(None), a.device)
+            res["peak_prefill_bytes"] = {n: lib.peak_bytes(lambda r=r: r(None), a.device)
                                          for n, (_, r) in e2e.items() if n != "transformers"}
+    del e2e, dec, hf  # free transformers' copy before training (a 7B pair would not fit)
+    if torch.device(a.device).type == "cuda":
+        torch.cuda.empty_cache()
     if "train" not in skip_parts:
         model.train()
         with torch.no_grad():  # autograd cannot save inference tensors
@@ -372,19 +272,19 @@ def run(a) -> dict:
                    sk: model.prepare(ids, px, mask, skip=skip)}
         opt = adamw(model.language_model.parameters())
         tr = {name: train_case(model, x, opt) for name, x in tin.items()}
-        res["train"] = summary(interleaved(tr, a), "plain")
+        res["train"] = lib.summary(lib.interleaved(tr, a), "plain")
         if "memory" not in skip_parts:
-            res["peak_train_bytes"] = {n: peak_bytes(lambda r=r: r(None), a.device)
+            res["peak_train_bytes"] = {n: lib.peak_bytes(lambda r=r: r(None), a.device)
                                        for n, (_, r) in tr.items()}
     res["conditions"]["load_average_end"] = os.getloadavg()
     res["paper_ratios"] = paper_ratios()
     kv = res["kv_bytes"]["evict_is_exactly_(n-N_s)/n_of_keep"]
     res["targets"] = {"KV bytes after eviction = (n - N_s) / n of kv keep, exactly":
                       dict(value=kv, ok=kv)}
-    res["targets"] |= {f"{k} (wall)": v for k, v in report.targets(res, sk).items()}
+    res["targets"] |= {f"{k} (wall)": v for k, v in lib.targets(res, sk).items()}
     if torch.device(a.device).type == "cpu":
         res["targets"] |= {f"{k} (CPU time)": v
-                           for k, v in report.targets(res, sk, "cpu_").items()}
+                           for k, v in lib.targets(res, sk, "cpu_").items()}
     return res
 
 
@@ -411,7 +311,7 @@ def main(argv=None):
     sk = label(parse_skip(a.preset))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = report.table(res, sk)
+    text = lib.table(res, sk)
     c = res["conditions"]
     head = (f"{c['device']} {c['dtype']} ({c.get('gpu', c['cpu'])}, {c['threads']} threads), "
             f"torch {c['torch']}; load average {c['load_average_start'][0]:.2f} at start, "
@@ -420,7 +320,7 @@ def main(argv=None):
     print(head + "\n\n" + text)
     (out / "benchmark.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "benchmark.md").write_text(head + "\n\n" + text + "\n")
-    report.plot(res, out / "benchmark.png")
+    lib.plot(res, out / "benchmark.png")
     print(f"\nwrote {out}/benchmark.json, .md" + ", .png" * (out / "benchmark.png").exists(),
           file=sys.stderr)
 

@@ -1,12 +1,116 @@
-"""Tables, targets and plots for examples/benchmark.py (which measures; this only reports)."""
+"""Helpers of examples/benchmark.py: interleaved timing, peak memory, conditions, and the
+table, targets and plot it reports."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import statistics
 import sys
+import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(cases: dict, a) -> dict:
+    """cases: name -> (setup, run). run(setup()) is timed; every repeat runs every case once,
+    the order reversed on odd repeats. Returns name -> {"wall": [s, ...], "cpu": [s, ...]}:
+    wall-clock and this process's CPU time (on CPU with --threads 1, CPU time is the time
+    the call computed, whatever else the machine ran meanwhile)."""
+    times = {name: dict(wall=[], cpu=[]) for name in cases}
+    names = list(cases)
+    for i in range(a.warmup + a.repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            setup, run = cases[name]
+            state = setup()
+            sync(a.device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(state)
+            sync(a.device)
+            if i >= a.warmup:
+                times[name]["wall"].append(time.perf_counter() - t0)
+                times[name]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+def summary(times: dict, base: str, per: int = 1) -> dict:
+    """Per case and clock: median seconds (divided by `per`), the median over repeats of the
+    ratio to `base` in the same repeat, and the raw seconds."""
+    out = {}
+    for name, clocks in times.items():
+        out[name] = {}
+        for clock, t in clocks.items():
+            pre = "" if clock == "wall" else "cpu_"
+            out[name][pre + "median_s"] = statistics.median(t) / per
+            out[name][pre + "ratio"] = statistics.median(
+                x / y for x, y in zip(t, times[base][clock]))
+            out[name][pre + "times_s"] = [x / per for x in t]
+    return out
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages created during a call and alive at once (any device).
+
+    Storages that existed before (weights, optimizer state) are not counted; a storage stays
+    counted while anything holds it, autograd's saved tensors included.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = set(), 0, 0
+
+    def _free(self, key, nbytes):
+        self.live.discard(key)
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = (st.device, st.data_ptr())
+            if st.nbytes() == 0 or key in self.live or key[1] in inputs:
+                continue
+            self.live.add(key)
+            self.now += st.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(st, self._free, key, st.nbytes())
+        return out
+
+
+def peak_bytes(fn, device) -> int:
+    if torch.device(device).type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with PeakMemory() as m:
+        fn()
+    return m.peak
 
 
 def conditions(a) -> dict:
