@@ -17,6 +17,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
 
 
+def pytest_configure(config):
+    from bound_support import BoundSummary  # prints the error-bound summary when it has rows
+    config.pluginmanager.register(BoundSummary(), "skipvision-bound-summary")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -7,7 +7,6 @@ from helpers import assert_close, llava_inputs
 from reference import dense
 from skipvision import KVCache, generate, sample
 from skipvision.generate import decode_step, prefill
-from skipvision.kv_cache import FOREVER
 from test_skip import lengths, models, skips
 
 

@@ -1,13 +1,12 @@
 """Skip-Vision's fast paths against the dense oracle in reference/dense.py (float64)."""
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import assert_close, llava_inputs, randomize_
 from reference import dense
-from skipvision import KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, generate
-from skipvision.generate import decode_step, prefill
-from skipvision.skip import SKIPPED, SkipConfig, merge, skip_ffn, split_images, summary_pool
+from skipvision import Llava, LlavaConfig, TextConfig, VisionConfig
+from skipvision.skip import SkipConfig, merge, skip_ffn, split_images, summary_pool
 
 
 @st.composite
