@@ -1,8 +1,8 @@
 """The Skip-FFN / Skip-KV error bound of proofs/error_bound.md, computed on one input.
 
 Two runs of the same language model on the same embeddings: the full (reference) run and a
-perturbed run that skips the FFN on some rows (Skip-FFN, paper sec. 3.2) and/or hides some
-keys from the decode tokens (Skip-KV, sec. 3.4). Per layer and per token we return
+perturbed run that skips the FFN on some rows (Skip-FFN) and/or hides some
+keys from the decode tokens (Skip-KV). Per layer and per token we return
 
 - the measured error ||x_l - x~_l|| (both runs through the model's own forward),
 - the end-to-end bound (Theorems 1 and 2: Lemma 6 iterated from zero error),

@@ -2,7 +2,7 @@
 
 Field names and defaults follow the Hugging Face `CLIPVisionConfig`, `LlamaConfig` and
 `LlavaConfig` classes, because Hub `config.json` files are sparse: a missing field means
-"the default of that class" (SPEC.md section 1). `LlavaConfig.from_hf` reads such a dict;
+"the default of that class". `LlavaConfig.from_hf` reads such a dict;
 `to_hf` writes one that both this package and `transformers` read back.
 """
 from __future__ import annotations

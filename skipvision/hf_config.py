@@ -1,7 +1,7 @@
 """Read and write Hugging Face `config.json` dicts for LLaVA: llava-hf and original LLaVA.
 
 Hub configs are sparse: `llava-hf/llava-1.5-7b-hf` gives only five `text_config` fields and
-omits `hidden_act` and `layer_norm_eps` from `vision_config` (SPEC.md section 1). Missing
+omits `hidden_act` and `layer_norm_eps` from `vision_config`. Missing
 fields take the defaults of the matching `transformers` config class, which are the
 dataclass defaults in `config.py`; a missing `vision_config` takes `LlavaConfig`'s CLIP
 ViT-L/14-336. Both RoPE spellings are read: `rope_theta` + `rope_scaling` (transformers 4)

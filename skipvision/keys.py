@@ -1,7 +1,7 @@
 """Checkpoint key names -> this package's parameter names, as tables of prefixes.
 
 Our module names are the llava-hf Hub layout, so that layout maps to itself. Other layouts
-differ only in prefixes (SPEC.md section 1):
+differ only in prefixes:
 - transformers 5 saves the vision tower without `vision_model.`;
 - transformers 5 in memory prefixes everything with `model.` and keeps `lm_head` on top;
 - original LLaVA (liuhaotian) uses `model.layers.*`, `lm_head`, `model.mm_projector.{0,2}`,

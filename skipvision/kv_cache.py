@@ -47,7 +47,7 @@ class KVCache:
 
         Rows may keep different counts: each row is compacted to the left and padded on the
         right to the longest row with invisible slots (horizon NEVER). The old tensors are
-        released, so the memory is really freed (SPEC.md sec. 2.7).
+        released, so the memory is really freed (the authors' code only slices at each step).
         """
         B, S = self.pos.shape
         n_keep = mask.sum(1)

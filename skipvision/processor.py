@@ -1,7 +1,7 @@
 """Images and questions in, model inputs out; generated ids back to text.
 
-Image preprocessing is the CLIP image processor's, as llava-hf checkpoints expect it (SPEC.md
-section 1): any PIL mode to RGB (transparency composited onto white), shortest edge resized
+Image preprocessing is the CLIP image processor's, as llava-hf checkpoints expect it (their
+preprocessor_config.json): any PIL mode to RGB (transparency composited onto white), shortest edge resized
 with bicubic, centre crop, rescale by 1/255, normalise with the CLIP mean and std. Original
 LLaVA-1.5 (`image_aspect_ratio "pad"`) first pads the image to a square with the mean colour,
 image centred. Text goes through the `tokenizers` library from `tokenizer.json`; each `<image>`
@@ -22,7 +22,7 @@ from PIL import Image
 
 from .config import LlavaConfig
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP preprocessing (SPEC.md sec. 1)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (llava-hf preprocessor_config.json)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE = "<image>"  # the placeholder users write, and llava-hf's added token
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "

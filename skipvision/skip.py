@@ -72,7 +72,7 @@ class SkipConfig:
         return tuple(range(n_layers)) if self.layers is None else self.layers
 
 
-PRESETS = {  # paper sec. 4: (N_r, N_s) settings
+PRESETS = {  # (N_r, N_s) settings reported in the paper
     "sv-llava-100-156": SkipConfig(retained=100, skipped=156),
     "sv-llava-256-320": SkipConfig(retained=256, skipped=320),
     "llava-1.5-64-156": SkipConfig(retained=64, skipped=156),

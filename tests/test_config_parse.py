@@ -11,7 +11,7 @@ from skipvision.hf_config import (checkpoint_dtype, from_hf, from_original, is_o
                                   rope_from_hf, to_hf)
 from skipvision.keys import map_key
 
-# llava-hf/llava-1.5-7b-hf config.json, field values from SPEC.md section 1 (transformers 4.36).
+# llava-hf/llava-1.5-7b-hf config.json, as published on the Hub (transformers 4.36).
 LLAVA_15_7B_HF = """{
   "architectures": ["LlavaForConditionalGeneration"],
   "ignore_index": -100,
@@ -47,7 +47,7 @@ LLAVA_15_7B_HF = """{
   "vocab_size": 32064
 }"""
 
-# liuhaotian/llava-v1.5-7b style (SPEC.md section 1) and its CLIP repo's config (sparse).
+# liuhaotian/llava-v1.5-7b style and its CLIP repo's config (sparse).
 ORIGINAL_7B = dict(architectures=["LlavaLlamaForCausalLM"], model_type="llava",
                    hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                    num_hidden_layers=32, num_key_value_heads=32, max_position_embeddings=4096,

@@ -181,8 +181,8 @@ def test_eviction_keeps_exactly_the_unskipped_fraction(text, images, preset):
 
 
 CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                          num_attention_heads=16, image_size=336, patch_size=14)  # SPEC.md sec. 1
-PAPER_LMS = {  # LLaMA3-8B (Meta-Llama-3-8B config.json); Vicuna-7B v1.5 (SPEC.md sec. 1)
+                          num_attention_heads=16, image_size=336, patch_size=14)  # llava-hf/llava-1.5-7b-hf config.json
+PAPER_LMS = {  # LLaMA3-8B (Meta-Llama-3-8B config.json); Vicuna-7B v1.5 (llava-1.5-7b-hf config.json)
     "llama3-8b": TextConfig(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8),
     "llava-1.5-7b": TextConfig(vocab_size=32064, rms_norm_eps=1e-5),
 }
