@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from skipvision import generate, load_pretrained
+from skipvision import flops, generate, load_pretrained
 from skipvision.processor import TEMPLATES
 from skipvision.skip import PRESETS, SkipConfig
 
@@ -95,10 +95,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 def flops_both_paths(cfg, text_tokens: int, n_images: int, skip, new_tokens: int, dtype):
     """Analytic FLOPs (skipvision/flops.py): plain and Skip-Vision, or plain only when no
     Skip-Vision setting was asked for. The single place this script computes FLOPs."""
-    try:
-        from skipvision import flops
-    except ImportError:
-        return "n/a (skipvision/flops.py is not available)"
     out = flops.compare(cfg, text_tokens, n_images, skip or SkipConfig(0, 0, summary=False),
                         max(new_tokens, 1), dtype)
     if skip is None:
