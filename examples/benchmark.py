@@ -262,7 +262,7 @@ def run(a) -> dict:
         if "memory" not in skip_parts:
             res["peak_prefill_bytes"] = {n: lib.peak_bytes(lambda r=r: r(None), a.device)
                                          for n, (_, r) in e2e.items() if n != "transformers"}
-    del e2e, dec, hf  # free transformers' copy before training (a 7B pair would not fit)
+    e2e = dec = hf = None  # free transformers' copy before training (a 7B pair would not fit)
     if torch.device(a.device).type == "cuda":
         torch.cuda.empty_cache()
     if "train" not in skip_parts:

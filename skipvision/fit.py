@@ -77,8 +77,8 @@ def build_model(config, tokenizer, seed: int = 0, dtype=None):
 
 
 def with_summary_scorer(model: Llava) -> Llava:
-    """`model` with a summary scorer added (zero-initialised: the summary tokens start as plain
-    means, paper sec. 3.3), as Skip-Vision SFT from a plain checkpoint needs."""
+    """`model` with a summary scorer added, zero-initialised so that the summary tokens start as
+    plain means of their groups; the paper trains this module in SFT, from a plain checkpoint."""
     if model.summary_scorer is not None:
         return model
     p = next(model.parameters())
@@ -105,7 +105,7 @@ def resume(trainer: Trainer, path) -> Path:
 def run_eval(trainer: Trainer, data, batch_size: int = 64) -> dict:
     """Exact match on `data`, each process scoring its share, counts summed over processes."""
     d = trainer.dist
-    with trainer._autocast():
+    with trainer.autocast():
         res = evaluate(trainer.model, data, trainer.skip, batch_size, (d.rank, d.world))
     types = sorted(res.total)
     counts = torch.tensor([[res.correct[t], res.total[t]] for t in types], dtype=torch.float64)

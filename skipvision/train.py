@@ -1,4 +1,4 @@
-"""Fine-tuning a LLaVA, plain or with Skip-Vision (the paper applies Skip-FFN in SFT, sec. 4.1).
+"""Fine-tuning a LLaVA, plain or with Skip-Vision (the paper applies Skip-FFN in SFT).
 
 - Loss: next-token cross-entropy on answer tokens only, summed over the global batch and divided
   by its answer-token count, so it does not depend on how the batch is cut into micro-batches
@@ -202,7 +202,7 @@ class Trainer:
                                                        find_unused_parameters=text_only)
         self.loss = loss
 
-    def _autocast(self):
+    def autocast(self):
         dev = self.dist.device
         if dev.type == "cuda" and self.cfg.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -231,7 +231,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for j, b in enumerate(batches):
             sync = self.dist.world == 1 or j == len(batches) - 1
-            with (contextlib.nullcontext() if sync else self.loss.no_sync()), self._autocast():
+            with (contextlib.nullcontext() if sync else self.loss.no_sync()), self.autocast():
                 loss_sum = self.loss(*b)
                 # DDP averages over processes; this scale makes the result the global mean
                 (loss_sum * (self.dist.world / max(n_labels, 1))).backward()
