@@ -1,7 +1,7 @@
 """A synthetic visual-question dataset: rendered shapes, and questions about them.
 
-Each image (default 48x48) shows one to four shapes (circle, square, triangle) in six colours,
-each in its own cell of a 3x3 grid (jittered inside the cell). Questions ask for a colour, a
+Each image (default 96x96) shows one to four shapes (circle, square, triangle) in six colours,
+each in its own quarter of the image (a 2x2 grid), at a random size and place inside it. Questions ask for a colour, a
 kind, a count, a position, existence, or a left/right/above/below relation; every question is
 asked only when its answer is unambiguous, and answers are one or two words, so exact match
 is a fair score. Everything is a function of (seed, split, index): the same call writes the
@@ -27,10 +27,11 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
            "yellow": (235, 215, 40), "purple": (160, 60, 210), "white": (240, 240, 240)}
 KINDS = ("circle", "square", "triangle")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-CELLS = ("top left", "top", "top right", "left", "center", "right",
-         "bottom left", "bottom", "bottom right")  # raster order of the 3x3 grid
+GRID = 2  # cells per side
+CELLS = ("top left", "top right", "bottom left", "bottom right")  # raster order
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
-MAX_SHAPES = 4
+SHAPES = (2, 4)  # fewest and most shapes per scene; (1, 1) for a curriculum's first stage
+MAX_SHAPES = SHAPES[1]
 CAPTION_PROMPT = "describe the image ."
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")  # ids 0..4, in this order
 TEMPLATE_WORDS = ("user", "assistant", ":", "?", ".", ",", "and")
@@ -41,41 +42,45 @@ class Shape:
     colour: str
     kind: str
     cell: int  # 0..8, raster order
-    cx: int  # centre in pixels
-    cy: int
-    r: int  # half the extent in pixels
+    x: int  # top-left corner of the shape's box, pixels
+    y: int
+    side: int  # box side, pixels
 
     @property
     def name(self) -> str:
         return f"{self.colour} {self.kind}"
 
 
-def make_scene(rng: random.Random, size: int = 48) -> tuple[Shape, ...]:
-    cell = size // 3
-    n = rng.randint(1, MAX_SHAPES)
-    shapes = []
-    for c in sorted(rng.sample(range(9), n)):
-        r = rng.randint(max(2, cell * 5 // 16), max(2, cell * 6 // 16))  # 5..6 px at 48 px
-        slack = max(0, cell // 2 - r - 1)
-        cx = (c % 3) * cell + cell // 2 + rng.randint(-slack, slack)
-        cy = (c // 3) * cell + cell // 2 + rng.randint(-slack, slack)
-        shapes.append(Shape(rng.choice(list(COLOURS)), rng.choice(KINDS), c, cx, cy, r))
-    return tuple(shapes)
+def make_scene(rng: random.Random, size: int = 96, shapes: tuple[int, int] = SHAPES
+               ) -> tuple[Shape, ...]:
+    """shapes[0]..shapes[1] shapes in distinct colours, one per cell of a 2x2 grid. A shape
+    is a square box of size/4 px (24 px at 96 px: 3x3 patches of the shipped model's 8 px
+    patch) on a lattice of size/12 px, anywhere in its cell. Distinct colours make "the red
+    object" a name, so questions can refer to a shape by its colour or by its cell."""
+    unit, cell = size // 12, size // GRID
+    n = rng.randint(*shapes)
+    cells, colours = sorted(rng.sample(range(GRID * GRID), n)), rng.sample(list(COLOURS), n)
+    out = []
+    for c, colour in zip(cells, colours):
+        side = 3 * unit
+        x = (c % GRID) * cell + unit * rng.randint(0, (cell - side) // unit)
+        y = (c // GRID) * cell + unit * rng.randint(0, (cell - side) // unit)
+        out.append(Shape(colour, rng.choice(KINDS), c, x, y, side))
+    return tuple(out)
 
 
-def render(scene: tuple[Shape, ...], size: int = 48, background: int = 24) -> Image.Image:
+def render(scene: tuple[Shape, ...], size: int = 96, background: int = 24) -> Image.Image:
     img = Image.new("RGB", (size, size), (background,) * 3)
     draw = ImageDraw.Draw(img)
     for s in scene:
-        box = (s.cx - s.r, s.cy - s.r, s.cx + s.r, s.cy + s.r)
+        x1, y1 = s.x + s.side - 1, s.y + s.side - 1  # inclusive
         fill = COLOURS[s.colour]
         if s.kind == "circle":
-            draw.ellipse(box, fill=fill)
+            draw.ellipse((s.x, s.y, x1, y1), fill=fill)
         elif s.kind == "square":
-            draw.rectangle(box, fill=fill)
+            draw.rectangle((s.x, s.y, x1, y1), fill=fill)
         else:
-            draw.polygon([(s.cx, s.cy - s.r), (s.cx - s.r, s.cy + s.r), (s.cx + s.r, s.cy + s.r)],
-                         fill=fill)
+            draw.polygon([((s.x + x1) / 2, s.y), (s.x, y1), (x1, y1)], fill=fill)
     return img
 
 
@@ -88,42 +93,29 @@ def _count(scene, pred) -> int:
 
 
 def _candidates(scene: tuple[Shape, ...], rng: random.Random) -> dict[str, tuple[str, str]]:
-    """One question per applicable type, {type: (question, answer)}."""
-    out = {"count": ("how many objects are there ?", str(len(scene)))}
+    """One question per type, {type: (question, answer)}. A shape is named by its colour
+    (unique in a scene) or by its cell; kinds are asked for and counted, never used as names."""
+    by_colour = {s.colour: s for s in scene}
+    s = rng.choice(scene)
+    out = {"count": ("how many objects are there ?", str(len(scene))),
+           "colour": (f"what colour is the object at the {CELLS[s.cell]} ?", s.colour)}
     kind = rng.choice(KINDS)
     out["count_kind"] = (f"how many {PLURAL[kind]} are there ?",
                          str(_count(scene, lambda s: s.kind == kind)))
+    s = rng.choice(scene)
+    out["kind"] = (f"what shape is the {s.colour} object ?", s.kind)
+    s = rng.choice(scene)
+    out["where"] = (f"where is the {s.colour} object ?", CELLS[s.cell])
     colour = rng.choice(list(COLOURS))
-    out["count_colour"] = (f"how many {colour} objects are there ?",
-                           str(_count(scene, lambda s: s.colour == colour)))
-    lone_kinds = [k for k in KINDS if _count(scene, lambda s: s.kind == k) == 1]
-    if lone_kinds:
-        k = rng.choice(lone_kinds)
-        out["colour"] = (f"what colour is the {k} ?", next(s.colour for s in scene if s.kind == k))
-    lone_colours = [c for c in COLOURS if _count(scene, lambda s: s.colour == c) == 1]
-    if lone_colours:
-        c = rng.choice(lone_colours)
-        out["kind"] = (f"what shape is the {c} object ?",
-                       next(s.kind for s in scene if s.colour == c))
-    names = [s.name for s in scene]
-    if rng.random() < 0.5:
-        name, answer = rng.choice(names), "yes"
-    else:
-        absent = [f"{c} {k}" for c in COLOURS for k in KINDS if f"{c} {k}" not in names]
-        name, answer = rng.choice(absent), "no"
-    out["exists"] = (f"is there a {name} ?", answer)
-    unique = [s for s in scene if names.count(s.name) == 1]
-    if unique:
-        s = rng.choice(unique)
-        out["where"] = (f"where is the {s.name} ?", CELLS[s.cell])
-    pairs = [(a, b, rel) for a in unique for b in unique if a is not b
-             for rel, (axis, _) in RELATIONS.items() if divmod(a.cell, 3)[1 - axis]
-             != divmod(b.cell, 3)[1 - axis]]
+    out["exists"] = (f"is there a {colour} object ?", "yes" if colour in by_colour else "no")
+    pairs = [(a, b, rel) for a in scene for b in scene if a is not b
+             for rel, (axis, _) in RELATIONS.items() if divmod(a.cell, GRID)[1 - axis]
+             != divmod(b.cell, GRID)[1 - axis]]
     if pairs:
         a, b, rel = rng.choice(pairs)
         axis, sign = RELATIONS[rel]
-        ka, kb = divmod(a.cell, 3)[1 - axis], divmod(b.cell, 3)[1 - axis]
-        out["relation"] = (f"is the {a.name} {rel} the {b.name} ?",
+        ka, kb = divmod(a.cell, GRID)[1 - axis], divmod(b.cell, GRID)[1 - axis]
+        out["relation"] = (f"is the {a.colour} object {rel} the {b.colour} object ?",
                            "yes" if (ka - kb) * sign > 0 else "no")
     return out
 
@@ -144,40 +136,55 @@ def conversation(scene, rng: random.Random, kind: str, turns: int) -> tuple[list
 
 
 def _scene_key(scene) -> tuple:
-    return tuple((s.colour, s.kind, s.cell) for s in scene)
+    return tuple((s.colour, s.kind, s.x, s.y, s.side) for s in scene)
 
 
-def write_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, size: int = 48,
-                  kind: str = "qa", turns: int = 4) -> dict[str, Path]:
-    """Write images and `train.jsonl` / `test.jsonl` under out_dir; returns the two paths.
-
-    `kind` "qa" (multi-turn questions; the test split has one question per line so each is
-    scored alone) or "caption". The test split never repeats a training scene.
-    """
-    if kind not in ("qa", "caption"):
-        raise ValueError(f"kind must be 'qa' or 'caption', got {kind!r}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    seen, paths = set(), {}
-    for split, n, n_turns in (("train", n_train, turns), ("test", n_test, 1)):
-        lines, i = [], 0
-        while len(lines) < n:
+def scenes(n_train: int, n_test: int, seed: int = 0, size: int = 96,
+           shapes: tuple[int, int] = SHAPES):
+    """(split, index, rng, scene) for the training then the held-out scenes; rng is the
+    scene's own generator, ready to draw its questions. A held-out scene that is also a
+    training one (the same image) is skipped: at 2..4 shapes that is rare, so the held-out
+    split has the training split's distribution (no shift towards harder scenes)."""
+    seen = set()
+    for split, n in (("train", n_train), ("test", n_test)):
+        i = k = 0
+        while k < n:
             rng = random.Random(f"{seed}/{split}/{i}")
             i += 1
-            scene = make_scene(rng, size)
+            scene = make_scene(rng, size, shapes)
             key = _scene_key(scene)
             if split == "train":
                 seen.add(key)
             elif key in seen:
                 continue
-            name = f"images/{split}-{len(lines):06d}.png"
-            render(scene, size).save(out / name)
-            conv, qtype = conversation(scene, rng, kind, n_turns)
-            lines.append(json.dumps({"id": f"{split}-{len(lines)}", "image": name,
-                                     "type": qtype, "scene": caption(scene),
-                                     "conversations": conv}))
+            yield split, k, rng, scene
+            k += 1
+
+
+def write_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, size: int = 96,
+                  kind: str = "qa", turns: int = 4, shapes: tuple[int, int] = SHAPES
+                  ) -> dict[str, Path]:
+    """Write images and `train.jsonl` / `test.jsonl` under out_dir; returns the two paths.
+
+    `kind` "qa" (multi-turn questions; the test split has one question per line so each is
+    scored alone) or "caption". The test split never repeats a training image. `shapes`
+    (fewest, most) per scene; (1, 1) makes the easy scenes of a curriculum's first stage.
+    """
+    if kind not in ("qa", "caption"):
+        raise ValueError(f"kind must be 'qa' or 'caption', got {kind!r}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = {"train": [], "test": []}
+    for split, k, rng, scene in scenes(n_train, n_test, seed, size, shapes):
+        name = f"images/{split}-{k:06d}.png"
+        render(scene, size).save(out / name)
+        conv, qtype = conversation(scene, rng, kind, turns if split == "train" else 1)
+        lines[split].append(json.dumps({"id": f"{split}-{k}", "image": name, "type": qtype,
+                                        "scene": caption(scene), "conversations": conv}))
+    paths = {}
+    for split, rows in lines.items():
         paths[split] = out / f"{split}.jsonl"
-        paths[split].write_text("\n".join(lines) + "\n")
+        paths[split].write_text("".join(r + "\n" for r in rows))
     return paths
 
 
@@ -186,8 +193,8 @@ def vocabulary() -> list[str]:
     words = set(TEMPLATE_WORDS) | set(COLOURS) | set(KINDS) | set(PLURAL.values())
     words |= {w for c in CELLS for w in c.split()} | {w for r in RELATIONS for w in r.split()}
     words |= {str(i) for i in range(MAX_SHAPES + 1)} | {"yes", "no"}
-    for q in ["how many objects are there ?", "what colour is the", "what shape is the object",
-              "is there a", "where is the", CAPTION_PROMPT]:
+    for q in ["how many objects are there ?", "what colour is the object at the",
+              "what shape is the object", "is there a", "where is the", CAPTION_PROMPT]:
         words |= set(q.split())
     return sorted(words)
 

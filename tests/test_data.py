@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import statistics
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from skipvision.processor import ImageProcessor, Processor
 from skipvision.synthetic import (CELLS, COLOURS, build_tokenizer, caption, conversation,
                                   make_scene, render, vocabulary, write_dataset)
 
-SIZE = 24  # small images keep these tests fast; the shipped model uses 48
+SIZE = 24  # small images keep these tests fast; the shipped model uses 96
 
 
 def processor(image_size=SIZE, context=320):
@@ -42,57 +43,61 @@ def _digest(root):
 
 def test_synthetic_is_deterministic_and_seeded(tmp_path):
     a = write_dataset(tmp_path / "a", 30, 10, seed=3, size=SIZE)
-    b = write_dataset(tmp_path / "b", 30, 10, seed=3, size=SIZE)
+    write_dataset(tmp_path / "b", 30, 10, seed=3, size=SIZE)
     c = write_dataset(tmp_path / "c", 30, 10, seed=4, size=SIZE)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert a["train"].read_text() != c["train"].read_text()
 
 
-def test_held_out_scenes_never_occur_in_training(tmp_path):
-    paths = write_dataset(tmp_path, 300, 100, seed=0, size=SIZE)
-    scenes = {s: {json.loads(x)["scene"] for x in paths[s].read_text().splitlines()}
-              for s in ("train", "test")}
-    assert len(scenes["test"]) > 50
-    assert not scenes["train"] & scenes["test"]
+def test_held_out_images_never_occur_in_training_and_follow_its_distribution(tmp_path):
+    paths = write_dataset(tmp_path, 300, 200, seed=0)
+    recs = {s: [json.loads(x) for x in paths[s].read_text().splitlines()]
+            for s in ("train", "test")}
+    digest = {s: {hashlib.sha256((tmp_path / r["image"]).read_bytes()).hexdigest()
+                  for r in recs[s]} for s in recs}
+    assert len(digest["test"]) == 200
+    assert not digest["train"] & digest["test"]
+    shapes = {s: statistics.mean(len(r["scene"].split(" , ")) for r in recs[s]) for s in recs}
+    assert abs(shapes["train"] - shapes["test"]) < 0.25, shapes
 
 
 @given(st.integers(0, 2**32 - 1))
 def test_rendered_scene_and_answers_agree(seed):
-    """Every shape's colour is at its centre, in the cell its answers name; answers follow the
-    scene (recomputed here independently of the generator's code)."""
+    """Every shape's colour is at its centre, in the cell its answers name; colours are
+    distinct; answers follow the scene (recomputed here independently of the generator)."""
     rng = random.Random(seed)
-    scene = make_scene(rng, 48)
-    img = render(scene, 48)
+    scene = make_scene(rng, 96)
+    img = render(scene, 96)
+    assert 2 <= len(scene) <= 4 and len({s.colour for s in scene}) == len(scene)
     for s in scene:
-        assert img.getpixel((s.cx, s.cy)) == COLOURS[s.colour]
-        assert CELLS[(s.cy // 16) * 3 + s.cx // 16] == CELLS[s.cell]
+        cx, cy = s.x + s.side // 2, s.y + s.side // 2
+        assert img.getpixel((cx, cy)) == COLOURS[s.colour]
+        assert (cy // 48) * 2 + cx // 48 == s.cell
+        assert s.x // 48 == (s.x + s.side - 1) // 48 and s.y // 48 == (s.y + s.side - 1) // 48
     conv, _ = conversation(scene, rng, "qa", turns=9)
+    assert conv[0]["value"].startswith("<image>\n") and len(conv) == 2 * 7  # every type, once
+    named = {s.colour: s for s in scene}
     for q, a in zip(conv[0::2], conv[1::2]):
-        words, a = q["value"].replace("<image>\n", "").split(), a["value"]
+        words, a = q["value"].replace("<image>", "").split(), a["value"]
         if words[:3] == ["how", "many", "objects"]:
             assert a == str(len(scene))
-        elif words[:2] == ["how", "many"] and words[2] in COLOURS:
-            assert a == str(sum(s.colour == words[2] for s in scene))
         elif words[:2] == ["how", "many"]:
             assert a == str(sum(s.kind + "s" == words[2] for s in scene))
         elif words[:3] == ["is", "there", "a"]:
-            assert a == ("yes" if any(s.name == " ".join(words[3:5]) for s in scene) else "no")
+            assert a == ("yes" if words[3] in named else "no")
         elif words[:2] == ["where", "is"]:
-            (s,) = [s for s in scene if s.name == " ".join(words[3:5])]
-            assert a == CELLS[s.cell]
+            assert a == CELLS[named[words[3]].cell]
         elif words[:3] == ["what", "colour", "is"]:
-            (s,) = [s for s in scene if s.kind == words[4]]
+            (s,) = [s for s in scene if CELLS[s.cell] == " ".join(words[7:-1])]
             assert a == s.colour
         elif words[:3] == ["what", "shape", "is"]:
-            (s,) = [s for s in scene if s.colour == words[4]]
-            assert a == s.kind
-        else:  # is the A B rel the C D ?
-            assert words[:2] == ["is", "the"]
-            (x,) = [s for s in scene if s.name == " ".join(words[2:4])]
-            (y,) = [s for s in scene if s.name == " ".join(words[-3:-1])]
+            assert a == named[words[4]].kind
+        else:  # is the A object rel the B object ?
+            assert words[:2] == ["is", "the"] and words[3] == "object"
+            x, y = named[words[2]], named[words[-3]]
             rel = " ".join(words[4:-4])
-            truth = {"left of": x.cell % 3 < y.cell % 3, "right of": x.cell % 3 > y.cell % 3,
-                     "above": x.cell // 3 < y.cell // 3, "below": x.cell // 3 > y.cell // 3}
+            truth = {"left of": x.cell % 2 < y.cell % 2, "right of": x.cell % 2 > y.cell % 2,
+                     "above": x.cell // 2 < y.cell // 2, "below": x.cell // 2 > y.cell // 2}
             assert a == ("yes" if truth[rel] else "no")
 
 
@@ -101,7 +106,7 @@ def test_tokenizer_covers_the_synthetic_language(tmp_path):
     unk = tok.token_to_id("<unk>")
     rng = random.Random(0)
     for i in range(200):
-        scene = make_scene(rng, 48)
+        scene = make_scene(rng)
         conv, _ = conversation(scene, rng, "qa" if i % 2 else "caption", turns=9)
         for turn in conv:
             ids = tok.encode(turn["value"], add_special_tokens=False).ids
@@ -201,7 +206,7 @@ def test_exact_match_normalises_case_space_and_full_stop():
 
 
 def test_caption_lists_shapes_in_raster_order():
-    scene = make_scene(random.Random(5), 48)
+    scene = make_scene(random.Random(5))
     parts = caption(scene).split(" , ")
     assert len(parts) == len(scene)
     assert [CELLS.index(" ".join(p.split()[2:])) for p in parts] == sorted(s.cell for s in scene)
