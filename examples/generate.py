@@ -1,6 +1,6 @@
 """Ask a LLaVA checkpoint about an image, with or without Skip-Vision, and see what it cost.
 
-    python examples/generate.py                                   # the small shipped model
+    python examples/generate.py              # the small shipped model, without and with Skip-Vision
     python examples/generate.py --model llava-hf/llava-1.5-7b-hf --image cat.jpg \\
         --prompt "What is in the image?" --skip sv-llava-100-156 --device cuda
 
@@ -50,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--report", choices=["text", "json"], default="text",
                    help="how to print the cost report (default: text)")
     s = p.add_argument_group("Skip-Vision")
-    s.add_argument("--skip", default="none", help=f"preset ({', '.join(PRESETS)}) or none")
+    s.add_argument("--skip", help=f"preset ({', '.join(PRESETS)}), 'checkpoint' (the directory's "
+                   "skip_config.json), none, or both (none, then checkpoint); default: both "
+                   "for the shipped model, else none")
     s.add_argument("--retained", type=int, help="N_r retained image tokens (overrides preset)")
     s.add_argument("--skipped", type=int, help="N_s skipped (merged) tokens (overrides preset)")
     s.add_argument("--mask", choices=["causal", "consistent"], help="text-to-skipped visibility")
@@ -59,11 +61,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def skip_config(a) -> SkipConfig | None:
+def skip_config(a, name: str) -> SkipConfig | None:
     """The Skip-Vision settings the flags ask for, or None for plain LLaVA."""
-    if a.skip != "none" and a.skip not in PRESETS:
-        sys.exit(f"--skip {a.skip!r}: choose one of {', '.join(PRESETS)} or none")
-    base = PRESETS.get(a.skip)
+    if name == "checkpoint":
+        path = Path(a.model) / "skip_config.json"
+        if not path.is_file():
+            sys.exit(f"--skip checkpoint: {path} does not exist; pass a preset instead")
+        base = SkipConfig(**json.loads(path.read_text()))
+    elif name != "none" and name not in PRESETS:
+        sys.exit(f"--skip {name!r}: choose one of {', '.join(PRESETS)}, checkpoint, both or none")
+    else:
+        base = PRESETS.get(name)
     custom = {k: v for k, v in dict(retained=a.retained, skipped=a.skipped, mask=a.mask,
                                     kv=a.kv).items() if v is not None}
     if base is None and not custom:
@@ -109,9 +117,11 @@ def main(argv=None):
             sys.exit(f"the shipped model {SHIPPED} does not exist yet; pass --model (a Hub id "
                      "such as llava-hf/llava-1.5-7b-hf, or a checkpoint directory)")
         a.model = str(SHIPPED)
+        a.skip = a.skip or "both"
+    names = ["none", "checkpoint"] if a.skip == "both" else [a.skip or "none"]
+    skips = [skip_config(a, n) for n in names]
     device = torch.device(a.device)
     dtype = a.dtype if a.dtype != "auto" else ("float32" if device.type == "cpu" else None)
-    skip = skip_config(a)
     t0 = time.perf_counter()
     try:
         model, processor = load_pretrained(a.model, a.revision, dtype, device,
@@ -125,16 +135,37 @@ def main(argv=None):
     if image is None:
         sys.exit("--image is required for this checkpoint (it ships no example image)")
     try:
-        if skip is not None:
-            skip.check(model.cfg.image_seq_length, model.cfg.text.num_hidden_layers)
+        for skip in skips:
+            if skip is not None:
+                skip.check(model.cfg.image_seq_length, model.cfg.text.num_hidden_layers)
         inputs = processor(processor.format(question, a.template), [image])
     except ValueError as e:  # InputError: a bad image, prompt or Skip-Vision setting
         sys.exit(str(e))
-    n_prompt, n_image = inputs["input_ids"].shape[1], model.cfg.image_seq_length
+    n_prompt = inputs["input_ids"].shape[1]
     if n_prompt + a.max_new_tokens > model.cfg.text.max_position_embeddings:
         sys.exit(f"prompt ({n_prompt} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds the "
                  f"model's context of {model.cfg.text.max_position_embeddings} tokens")
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    reports = []
+    for skip in skips:
+        if a.report == "text":
+            print(f"[{'plain LLaVA' if skip is None else 'Skip-Vision'}] {question}\n> ", end="")
+        r = answer(model, processor, inputs, skip, a)
+        reports.append(dict(model=a.model, image=image, question=question, load_s=round(load_s, 3),
+                            **r))
+        if a.report == "text":
+            print("\n")
+            for k, v in reports[-1].items():
+                if k not in ("answer", "flops", "question"):
+                    print(f"{k:>24}: {v}")
+            print(f"{'flops':>24}: {json.dumps(r['flops'], default=str)}\n")
+    if a.report == "json":
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
+
+
+def answer(model, processor, inputs, skip, a) -> dict:
+    """Generate (streaming the text when a.report is text); the answer and its costs."""
+    device = inputs["input_ids"].device
     generator = torch.Generator(device).manual_seed(a.seed)
     new, shown = [], ""
 
@@ -150,11 +181,14 @@ def main(argv=None):
                    inputs["attention_mask"], max_new_tokens=a.max_new_tokens,
                    temperature=a.temperature, top_p=a.top_p, generator=generator, skip=skip,
                    on_token=stream)
-    n_new = int(gen.lengths[0])
-    st = gen.stats
-    report = dict(
-        model=a.model, device=str(device), dtype=str(model_dtype(model)).removeprefix("torch."),
-        answer=processor.decode(gen.tokens[0, :n_new]), load_s=round(load_s, 3),
+    n_new, st = int(gen.lengths[0]), gen.stats
+    n_prompt, n_image = inputs["input_ids"].shape[1], model.cfg.image_seq_length
+    t = model.cfg.text  # one cached token: K and V in every layer
+    slot = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model_dtype(
+        model).itemsize
+    return dict(
+        device=str(device), dtype=str(model_dtype(model)).removeprefix("torch."),
+        answer=processor.decode(gen.tokens[0, :n_new]),
         prompt_tokens=n_prompt, image_tokens=n_image, new_tokens=n_new,
         prefill_tokens=gen.prompt_tokens,
         time_to_first_token_s=round(st.get("time_to_first_token_s", float("nan")), 4),
@@ -162,22 +196,11 @@ def main(argv=None):
             "decode_s") else None,
         kv_bytes_prefill=st["kv_bytes_prefill"], kv_bytes=st["kv_bytes_after_prefill"],
         kv_bytes_saved=st["kv_bytes_prefill"] - st["kv_bytes_after_prefill"],
+        tokens_kept_in_cache=st["kv_bytes_after_prefill"] // slot,
         peak_memory_bytes=peak_memory_bytes(device),
-        skip=None if skip is None else vars(skip))
-    t = model.cfg.text  # one cached token: K and V in every layer
-    slot = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model_dtype(
-        model).itemsize
-    report["tokens_kept_in_cache"] = st["kv_bytes_after_prefill"] // slot
-    report["flops"] = flops_both_paths(model.cfg, n_prompt - n_image, 1, skip, n_new,
-                                       model_dtype(model))
-    if a.report == "json":
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        print("\n")
-        for k, v in report.items():
-            if k not in ("answer", "flops"):
-                print(f"{k:>24}: {v}")
-        print(f"{'flops':>24}: {json.dumps(report['flops'], default=str)}")
+        skip=None if skip is None else vars(skip),
+        flops=flops_both_paths(model.cfg, n_prompt - n_image, 1, skip, n_new,
+                               model_dtype(model)))
 
 
 def model_dtype(model) -> torch.dtype:
