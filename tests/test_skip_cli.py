@@ -47,3 +47,20 @@ def test_generate_example_with_the_100_156_preset_reports_the_savings(tmp_path, 
     want_flops = flops.compare(cfg, n_text, 1, skip, 8, torch.float32)
     assert report["flops"]["prefill"]["skip"] == want_flops["prefill"]["skip"]
     assert report["flops"]["prefill"]["ratio"] == want_flops["prefill"]["ratio"] < 1
+
+
+def test_generate_with_no_arguments_answers_the_shipped_sample_both_ways(capsys):
+    """`python examples/generate.py`: the shipped model, its sample image and question, answered
+    without and then with the checkpoint's own Skip-Vision settings (what the recipe recorded)."""
+    from test_train import SHIPPED
+    _example_module().main(["--report", "json", "--device", "cpu"])
+    plain, skip = json.loads(capsys.readouterr().out)
+    report = json.loads((SHIPPED / "training_report.json").read_text())
+    assert plain["question"] == skip["question"] == report["sample"]["question"]
+    assert plain["answer"] == report["sample"]["answers"]["plain"]
+    assert skip["answer"] == report["sample"]["answers"]["skip_vision"]
+    assert plain["skip"] is None and skip["skip"] == report["skip"]
+    sk = report["skip"]
+    assert skip["prefill_tokens"] == plain["prefill_tokens"] - 144 + sk["retained"] + sk[
+        "skipped"] + 2
+    assert skip["tokens_kept_in_cache"] == skip["prefill_tokens"] - sk["skipped"]
