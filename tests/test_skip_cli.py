@@ -52,7 +52,7 @@ def test_generate_example_with_the_100_156_preset_reports_the_savings(tmp_path, 
 def test_generate_with_no_arguments_answers_the_shipped_sample_both_ways(capsys):
     """`python examples/generate.py`: the shipped model, its sample image and question, answered
     without and then with the checkpoint's own Skip-Vision settings (what the recipe recorded)."""
-    from test_train import SHIPPED
+    from test_shipped import SHIPPED
     _example_module().main(["--report", "json", "--device", "cpu"])
     plain, skip = json.loads(capsys.readouterr().out)
     report = json.loads((SHIPPED / "training_report.json").read_text())

@@ -1,0 +1,72 @@
+"""The shipped tiny LLaVAs (checkpoints/): complete, small, and doing what their report says."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from skipvision.data import load_conversations
+from skipvision.skip import SkipConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "checkpoints" / "tiny-llava"
+PLAIN = ROOT / "checkpoints" / "tiny-llava-plain"
+
+
+def held_out_sample(tmp_path, n: int, report: dict) -> Path:
+    """The first n held-out questions of the recipe's synthetic split, rebuilt in tmp_path."""
+    from skipvision.synthetic import conversation, render, scenes
+    lines = []
+    for split, k, rng, scene in scenes(report["n_train"], n, seed=report["seed"]):
+        if split == "test":
+            render(scene).save(tmp_path / f"{k}.png")
+            conv, qtype = conversation(scene, rng, "qa", 1)
+            lines.append(json.dumps({"image": f"{k}.png", "type": qtype, "conversations": conv}))
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "test.jsonl"
+
+
+def test_the_shipped_checkpoints_are_small_and_complete():
+    for d in (SHIPPED, PLAIN):
+        assert (d / "model.safetensors").stat().st_size <= 20 * 2**20
+        for f in ("config.json", "tokenizer.json"):
+            assert (d / f).is_file(), d / f
+    report = json.loads((SHIPPED / "training_report.json").read_text())
+    assert (SHIPPED / report["sample"]["image"]).is_file()
+
+
+def test_the_shipped_models_reproduce_their_report(tmp_path):
+    """Re-scored here on the first 300 held-out questions (rebuilt from the recipe's seed),
+    the two shipped models get what the recipe recorded, and the sample answers are the same;
+    so the README's accuracy column is what these weights do."""
+    from skipvision import generate
+    from skipvision.data import evaluate
+    from skipvision.loading import load_pretrained
+    report = json.loads((SHIPPED / "training_report.json").read_text())
+    skip = SkipConfig(**json.loads((SHIPPED / "skip_config.json").read_text()))
+    assert skip == SkipConfig(**report["skip"])
+    plain, proc = load_pretrained(PLAIN)
+    trained, proc_s = load_pretrained(SHIPPED)
+    test = held_out_sample(tmp_path, 300, report)
+    acc = {"plain": evaluate(plain, load_conversations(test, proc), None, 100).accuracy,
+           "skip_ffn": evaluate(trained, load_conversations(test, proc_s), skip, 100).accuracy}
+    for name, a in acc.items():
+        assert abs(a - report[name]["accuracy_first_300"]) <= 1 / 300, (name, a)
+    sample = report["sample"]
+    batch = proc_s(proc_s.format(sample["question"]), [SHIPPED / sample["image"]])
+    for name, s in (("plain", None), ("skip_vision", skip)):
+        out = generate(trained, batch["input_ids"], batch["pixel_values"],
+                       batch["attention_mask"], max_new_tokens=4, skip=s)
+        assert proc_s.decode(out.tokens[0]) == sample["answers"][name], name
+
+
+@pytest.mark.xfail(strict=True, reason="open: the shipped recipe reaches 82.4% (plain) and "
+                   "70.3% (Skip-FFN) held-out exact match, not 90% / within 3 points; README")
+def test_the_shipped_models_meet_the_accuracy_target():
+    """The target: plain SFT >= 90% held-out exact match without Skip-Vision, and the Skip-FFN
+    model, with Skip-Vision, within 3 points of it (numbers from the recipe's report, which
+    the test above ties to the committed weights)."""
+    report = json.loads((SHIPPED / "training_report.json").read_text())
+    plain, skip = report["plain"]["accuracy"], report["skip_ffn"]["accuracy"]
+    assert plain >= 0.90 and skip >= plain - 0.03, (plain, skip)
