@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import statistics
 import sys
@@ -54,6 +55,21 @@ def tiny_config(vocab: int) -> LlavaConfig:
                         rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=1,
                         eos_token_id=2, pad_token_id=3),
         image_token_id=4)  # the tokenizer's <image> (synthetic.SPECIALS)
+
+
+def sincos_positions_(model) -> None:
+    """Initialise the vision tower's position embeddings to a 2-D sin-cos table (rows in half the
+    channels, columns in the other half; CLS at zero), as MAE-style ViTs do, so that image
+    features say where their patch is from the first step on; they are trained afterwards."""
+    emb = model.vision_tower.vision_model.embeddings.position_embedding.weight
+    side, q = model.cfg.vision.image_size // model.cfg.vision.patch_size, emb.shape[1] // 4
+    freq = 1.0 / 100.0 ** (torch.arange(q, dtype=torch.float64) / q)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    angle = [4 * math.pi / side * p.reshape(-1, 1).double() * freq for p in (rows, cols)]
+    table = torch.cat([torch.cat([a.sin(), a.cos()], 1) for a in angle], 1)  # (side^2, 4q)
+    with torch.no_grad():
+        emb.zero_()
+        emb[1:, :4 * q] = table.to(emb.dtype)
 
 
 def make_data(work: Path, n_train: int, n_test: int, seed: int) -> dict[str, Path]:
@@ -197,6 +213,7 @@ def main(argv=None):
     else:
         tok = build_tokenizer()
         model, proc = build_model(tiny_config(tok.get_vocab_size()), tok, a.seed)
+        sincos_positions_(model)
         stage1 = load_conversations(paths["stage1"], proc)
         cfg1 = TrainConfig(steps=a.stage1_steps, batch_size=a.batch_size, lr=2e-3, min_lr=1e-4,
                            warmup_steps=100, train=("vision_tower", "projector",

@@ -61,12 +61,16 @@ def test_the_shipped_models_reproduce_their_report(tmp_path):
         assert proc_s.decode(out.tokens[0]) == sample["answers"][name], name
 
 
-@pytest.mark.xfail(strict=True, reason="open: the shipped recipe reaches 82.4% (plain) and "
-                   "70.3% (Skip-FFN) held-out exact match, not 90% / within 3 points; README")
-def test_the_shipped_models_meet_the_accuracy_target():
-    """The target: plain SFT >= 90% held-out exact match without Skip-Vision, and the Skip-FFN
-    model, with Skip-Vision, within 3 points of it (numbers from the recipe's report, which
-    the test above ties to the committed weights)."""
+def test_the_shipped_plain_model_meets_the_accuracy_target():
+    """Plain SFT >= 90% exact match on the held-out questions, without Skip-Vision (the
+    recipe's report; the test above ties it to the committed weights)."""
+    report = json.loads((SHIPPED / "training_report.json").read_text())
+    assert report["plain"]["accuracy"] >= 0.90
+
+
+@pytest.mark.xfail(strict=True, reason="open: the Skip-FFN model, with Skip-Vision, reaches "
+                   "87.5% held-out exact match, 6.7 points below plain SFT's 94.2%; README")
+def test_the_shipped_skip_ffn_model_is_within_3_points_of_plain():
     report = json.loads((SHIPPED / "training_report.json").read_text())
     plain, skip = report["plain"]["accuracy"], report["skip_ffn"]["accuracy"]
-    assert plain >= 0.90 and skip >= plain - 0.03, (plain, skip)
+    assert skip >= plain - 0.03, (plain, skip)
