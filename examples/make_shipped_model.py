@@ -38,8 +38,9 @@ from skipvision.synthetic import build_tokenizer, make_scene, render, write_data
 from skipvision.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-# The paper's SV-LLaVA 100 retained / 156 skipped of 576 tokens, scaled to 144 tokens.
-SKIP = SkipConfig(retained=25, skipped=39, summary=True)
+# The paper's SV-LLaVA 100 retained / 156 skipped of 576 tokens, scaled to 144 tokens; merged
+# tokens in raster order (89.3% held-out; the authors' redundancy order: 87.5%, README).
+SKIP = SkipConfig(retained=25, skipped=39, summary=True, merge_order="spatial")
 TYPES = 7  # question types per scene (skipvision.synthetic._candidates)
 TABLE_BEGIN, TABLE_END = "<!-- training-table:begin -->", "<!-- training-table:end -->"
 

@@ -69,7 +69,7 @@ def test_the_shipped_plain_model_meets_the_accuracy_target():
 
 
 @pytest.mark.xfail(strict=True, reason="open: the Skip-FFN model, with Skip-Vision, reaches "
-                   "87.5% held-out exact match, 6.7 points below plain SFT's 94.2%; README")
+                   "89.3% held-out exact match, 4.9 points below plain SFT's 94.2%; README")
 def test_the_shipped_skip_ffn_model_is_within_3_points_of_plain():
     report = json.loads((SHIPPED / "training_report.json").read_text())
     plain, skip = report["plain"]["accuracy"], report["skip_ffn"]["accuracy"]
