@@ -118,8 +118,8 @@ def main(argv=None):
                      "such as llava-hf/llava-1.5-7b-hf, or a checkpoint directory)")
         a.model = str(SHIPPED)
         a.skip = a.skip or "both"
-    names = ["none", "checkpoint"] if a.skip == "both" else [a.skip or "none"]
-    skips = [skip_config(a, n) for n in names]
+    both = a.skip == "both"  # plain first, then the checkpoint's settings (flags apply to it)
+    skips = [None, skip_config(a, "checkpoint")] if both else [skip_config(a, a.skip or "none")]
     device = torch.device(a.device)
     dtype = a.dtype if a.dtype != "auto" else ("float32" if device.type == "cpu" else None)
     t0 = time.perf_counter()

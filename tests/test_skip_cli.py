@@ -64,3 +64,10 @@ def test_generate_with_no_arguments_answers_the_shipped_sample_both_ways(capsys)
     assert skip["prefill_tokens"] == plain["prefill_tokens"] - 144 + sk["retained"] + sk[
         "skipped"] + 2
     assert skip["tokens_kept_in_cache"] == skip["prefill_tokens"] - sk["skipped"]
+
+
+def test_skip_flags_with_the_shipped_model_change_only_the_skip_vision_pass(capsys):
+    _example_module().main(["--report", "json", "--device", "cpu", "--retained", "20"])
+    plain, skip = json.loads(capsys.readouterr().out)
+    assert plain["skip"] is None and plain["prefill_tokens"] == plain["prompt_tokens"]
+    assert skip["skip"]["retained"] == 20
