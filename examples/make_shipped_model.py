@@ -4,9 +4,11 @@
     python examples/make_shipped_model.py --table-only   # re-time, re-score, rewrite the table
 
 1. Data: synthetic shapes at 96x96 px (skipvision/synthetic.py). Stage 1 sees, per training
-   image, a caption and a multi-turn QA conversation; stage 2 the QA conversations; the
-   held-out test split has one question per line and no training scene.
-2. Stage 1 (no Skip-Vision): a tiny LLaVA built from scratch, every used part trained.
+   image, a caption and a QA conversation (every question type), plus single-shape scenes;
+   stage 2 the QA conversations; the held-out split has one question per line and no
+   training image.
+2. Stage 1 (no Skip-Vision): a tiny LLaVA built from scratch (vision position embeddings from
+   a 2-D sin-cos table), every used part trained.
 3. Stage 2 (SFT), twice from the same stage-1 weights and interleaved step by step in this one
    process, so the two step times are measured side by side: plain, and Skip-FFN (Skip-Vision
    with summary tokens, SKIP below). The vision tower is frozen, as in the paper's SFT.

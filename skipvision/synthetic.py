@@ -1,12 +1,13 @@
 """A synthetic visual-question dataset: rendered shapes, and questions about them.
 
-Each image (default 96x96) shows one to four shapes (circle, square, triangle) in six colours,
-each in its own quarter of the image (a 2x2 grid), at a random size and place inside it. Questions ask for a colour, a
-kind, a count, a position, existence, or a left/right/above/below relation; every question is
-asked only when its answer is unambiguous, and answers are one or two words, so exact match
-is a fair score. Everything is a function of (seed, split, index): the same call writes the
-same files on any machine. The held-out split uses its own seed stream and drops any scene
-(shapes and cells) that also occurs in the training split.
+Each image (default 96x96) shows two to four shapes (circle, square, triangle) in distinct
+colours out of six, each in its own quarter of the image (a 2x2 grid), placed anywhere inside
+it on the patch lattice. Questions ask for the colour of the object in a cell, the kind or the
+cell of the object of a colour, a count (all objects, or of one kind), existence of a colour,
+or a left/right/above/below relation between two coloured objects; answers are one or two
+words, so exact match is a fair score. Everything is a function of (seed, split, index): the
+same call writes the same files on any machine. The held-out split uses its own seed stream
+and drops any image that also occurs in the training split.
 
 Two kinds of conversations, as in LLaVA's two stages: a `caption` ("describe the image .",
 answered by listing the shapes in raster order) for stage 1, and multi-turn question answering
@@ -41,7 +42,7 @@ TEMPLATE_WORDS = ("user", "assistant", ":", "?", ".", ",", "and")
 class Shape:
     colour: str
     kind: str
-    cell: int  # 0..8, raster order
+    cell: int  # 0..GRID*GRID-1, raster order
     x: int  # top-left corner of the shape's box, pixels
     y: int
     side: int  # box side, pixels
