@@ -104,7 +104,7 @@ def sample(seed: int) -> tuple:
     raise RuntimeError("no sample scene found")
 
 
-def sample_answers(model, proc, image: Path, question: str) -> dict:
+def sample_answers(model, proc, image: Path, question: str, skip: SkipConfig) -> dict:
     """What the shipped model answers about its sample, without and with Skip-Vision (what
     `python examples/generate.py` prints; the README shows it)."""
     from skipvision import generate
@@ -112,7 +112,7 @@ def sample_answers(model, proc, image: Path, question: str) -> dict:
     return {name: proc.decode(generate(model, batch["input_ids"], batch["pixel_values"],
                                        batch["attention_mask"], max_new_tokens=4,
                                        skip=s).tokens[0])
-            for name, s in (("plain", None), ("skip_vision", SKIP))}
+            for name, s in (("plain", None), ("skip_vision", skip))}
 
 
 def training_flops(model, data, batch_size: int, skip) -> int:
@@ -150,7 +150,7 @@ def side_by_side(models: dict, data, cfg: TrainConfig, log_every: int = 25) -> d
 
 
 def table(report: dict) -> str:
-    p, s = report["plain"], report["skip_ffn"]
+    p, s, sk = report["plain"], report["skip_ffn"], report["skip"]
     dt = s["step_s"] / p["step_s"] - 1
     df = s["flops"] / p["flops"] - 1
     rows = [
@@ -159,7 +159,7 @@ def table(report: dict) -> str:
         "|---|---|---|---|",
         f"| plain | {p['step_s'] * 1e3:.0f} ms | {p['flops'] / 1e9:.1f} GFLOP | "
         f"{p['accuracy'] * 100:.1f}% |",
-        f"| Skip-FFN ({SKIP.retained} retained / {SKIP.skipped} skipped of 144) | "
+        f"| Skip-FFN ({sk['retained']} retained / {sk['skipped']} skipped of 144) | "
         f"{s['step_s'] * 1e3:.0f} ms ({dt:+.0%}) | {s['flops'] / 1e9:.1f} GFLOP ({df:+.0%}) | "
         f"{s['accuracy'] * 100:.1f}% |",
     ]
@@ -201,7 +201,13 @@ def main(argv=None):
     p.add_argument("--time-steps", type=int, default=40)
     p.add_argument("--stage1-from", help="a stage-1 checkpoint directory (runs/.../stage1/"
                    "step-N) to start stage 2 from instead of training stage 1")
+    p.add_argument("--retained", type=int, default=SKIP.retained, help="Skip-FFN N_r")
+    p.add_argument("--skipped", type=int, default=SKIP.skipped, help="Skip-FFN N_s")
+    p.add_argument("--merge-order", default=SKIP.merge_order, choices=("redundancy", "spatial"))
+    p.add_argument("--mask", default=SKIP.mask, choices=("causal", "consistent"))
     a = p.parse_args(argv)
+    skip = SkipConfig(retained=a.retained, skipped=a.skipped, summary=SKIP.summary,
+                      merge_order=a.merge_order, mask=a.mask)
     torch.set_num_threads(a.threads)
     work, out, plain_out = Path(a.work), Path(a.out), Path(a.plain_out)
     t_start = time.perf_counter()
@@ -209,6 +215,7 @@ def main(argv=None):
     if a.table_only:
         plain, proc = load_pretrained(plain_out)
         skip_model, _ = load_pretrained(out)
+        skip = SkipConfig(**json.loads((out / "skip_config.json").read_text()))
         stage2_steps = a.time_steps
     elif a.stage1_from:
         plain, proc = load_pretrained(a.stage1_from)
@@ -233,7 +240,7 @@ def main(argv=None):
                        warmup_steps=min(50, stage2_steps // 4), seed=a.seed + 1)
     start = copy.deepcopy(plain)
     runs = {"plain": (copy.deepcopy(start), None),
-            "skip_ffn": (with_summary_scorer(copy.deepcopy(start)), SKIP)}
+            "skip_ffn": (with_summary_scorer(copy.deepcopy(start)), skip)}
     print(f"stage 2: {stage2_steps} steps of plain and Skip-FFN SFT, interleaved",
           file=sys.stderr)
     timed = side_by_side(runs, train, cfg2)
@@ -241,31 +248,31 @@ def main(argv=None):
         plain, skip_model = runs["plain"][0], runs["skip_ffn"][0]
     report = {"steps_timed": stage2_steps, "batch_size": a.batch_size, "threads": a.threads,
               "device": "CPU", "n_train": a.n_train, "n_test": len(test), "seed": a.seed,
-              "skip": asdict(SKIP)}
+              "skip": asdict(skip)}
     first = paths["test"].with_name("test-first-300.jsonl")  # what the shipped-model test uses
     first.write_text("".join(x + "\n" for x in paths["test"].read_text().splitlines()[:300]))
     first_300 = load_conversations(first, proc)
-    for name, model, skip in [("plain", plain, None), ("skip_ffn", skip_model, SKIP)]:
-        own, other = evaluate(model, test, skip, 100), evaluate(model, test, SKIP if skip is
-                                                                 None else None, 100)
+    for name, model, s in [("plain", plain, None), ("skip_ffn", skip_model, skip)]:
+        own, other = evaluate(model, test, s, 100), evaluate(model, test, None if s else skip,
+                                                              100)
         report[name] = {"step_s": statistics.median(timed["times"][name]),
-                        "flops": training_flops(runs[name][0], train, a.batch_size, skip),
+                        "flops": training_flops(runs[name][0], train, a.batch_size, s),
                         "accuracy": own.accuracy, "by_type": own.by_type(),
-                        "accuracy_" + ("without" if skip else "with") + "_skip_vision":
+                        "accuracy_" + ("without" if s else "with") + "_skip_vision":
                             other.accuracy}
-        report[name]["accuracy_first_300"] = evaluate(model, first_300, skip, 100).accuracy
+        report[name]["accuracy_first_300"] = evaluate(model, first_300, s, 100).accuracy
         print(f"{name}: exact match {own.accuracy:.4f} {own.by_type()}", file=sys.stderr)
     if a.table_only and (out / "training_report.json").is_file():
         report = json.loads((out / "training_report.json").read_text()) | report
     if not a.table_only:
         save_pretrained(plain, plain_out, proc)
         save_pretrained(skip_model, out, proc)
-        (out / "skip_config.json").write_text(json.dumps(asdict(SKIP), indent=2))
+        (out / "skip_config.json").write_text(json.dumps(asdict(skip), indent=2))
         scene, question, answer = sample(a.seed)
         render(scene).save(out / "sample.png")
         report["sample"] = {"image": "sample.png", "question": question, "answer": answer,
                             "answers": sample_answers(skip_model, proc, out / "sample.png",
-                                                      question)}
+                                                      question, skip)}
         report["wall_time_s"] = time.perf_counter() - t_start
     report["command"] = "python examples/make_shipped_model.py" + (
         " --table-only" if a.table_only else "")
