@@ -15,7 +15,8 @@ def recipe():
 
 def test_the_recipe_writes_both_checkpoints_the_report_and_the_table(tmp_path, recipe):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Training\n\n{recipe.TABLE_BEGIN}\nold\n{recipe.TABLE_END}\nafter\n")
+    begin, end = recipe.TABLE_BEGIN, recipe.TABLE_END
+    readme.write_text(f"# x\n\n## Training\n\n{begin}\nold\n{end}\nafter\n")
     out, plain = tmp_path / "out", tmp_path / "plain"
     args = ["--work", str(tmp_path / "work"), "--out", str(out), "--plain-out", str(plain),
             "--readme", str(readme), "--threads", "1", "--n-train", "24", "--n-test", "12",
