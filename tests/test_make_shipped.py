@@ -39,6 +39,6 @@ def test_the_recipe_writes_both_checkpoints_the_report_and_the_table(tmp_path, r
                              "--retained", "9"])
     again = json.loads((out / "training_report.json").read_text())
     assert again["skip"] == report["skip"]  # --table-only times what is shipped, not the flags
-    assert again["command"].endswith("--table-only")
+    assert "--table-only" in again["command"]
     reloaded, _ = load_pretrained(out)
     assert all((reloaded.state_dict()[k] == v).all() for k, v in first.items())
