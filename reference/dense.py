@@ -80,7 +80,7 @@ def merge(x, n_out, order):
     M = x.shape[0]
     if n_out == 0:
         return x[:0], []
-    unit = [x[i] / max(x[i].norm().item(), 1e-12) for i in range(M)]
+    unit = [x[i].detach() / max(x[i].norm().item(), 1e-12) for i in range(M)]  # ranking only
     sim = [[0.0 if i == j else float(unit[i] @ unit[j]) for j in range(M)] for i in range(M)]
     red = [sum(r) for r in sim]
     rank = sorted(range(M), key=lambda i: (-red[i], i))
