@@ -163,20 +163,26 @@ def scenes(n_train: int, n_test: int, seed: int = 0, size: int = 96,
 
 
 def write_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, size: int = 96,
-                  kind: str = "qa", turns: int = 4, shapes: tuple[int, int] = SHAPES
-                  ) -> dict[str, Path]:
-    """Write images and `train.jsonl` / `test.jsonl` under out_dir; returns the two paths.
+                  kind: str = "qa", turns: int = 4, shapes: tuple[int, int] = SHAPES,
+                  splits: tuple[str, ...] = ("train", "test")) -> dict[str, Path]:
+    """Write images and `train.jsonl` / `test.jsonl` under out_dir; returns their paths.
 
     `kind` "qa" (multi-turn questions; the test split has one question per line so each is
     scored alone) or "caption". The test split never repeats a training image. `shapes`
     (fewest, most) per scene; (1, 1) makes the easy scenes of a curriculum's first stage.
+    `splits` names the files to write: ("test",) rebuilds the held-out split alone, the same
+    as in a full call (the training scenes are still drawn, not rendered).
     """
     if kind not in ("qa", "caption"):
         raise ValueError(f"kind must be 'qa' or 'caption', got {kind!r}")
+    if not splits or set(splits) - {"train", "test"}:
+        raise ValueError(f"splits must name 'train' and/or 'test', got {splits!r}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    lines = {"train": [], "test": []}
+    lines = {split: [] for split in splits}
     for split, k, rng, scene in scenes(n_train, n_test, seed, size, shapes):
+        if split not in lines:
+            continue
         name = f"images/{split}-{k:06d}.png"
         render(scene, size).save(out / name)
         conv, qtype = conversation(scene, rng, kind, turns if split == "train" else 1)

@@ -33,10 +33,11 @@ def processor(image_size=SIZE, context=320):
     return Processor(cfg, tok, ImageProcessor(image_size, (image_size, image_size)))
 
 
-def _digest(root):
+def _digest(root, prefix: str = ""):
+    """Hash of the files under root whose names start with prefix (all by default)."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name.startswith(prefix):
             h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()
 
@@ -47,6 +48,10 @@ def test_synthetic_is_deterministic_and_seeded(tmp_path):
     c = write_dataset(tmp_path / "c", 30, 10, seed=4, size=SIZE)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert a["train"].read_text() != c["train"].read_text()
+    alone = write_dataset(tmp_path / "d", 30, 10, seed=3, size=SIZE, splits=("test",))
+    assert list(alone) == ["test"] and not (tmp_path / "d" / "train.jsonl").exists()
+    assert alone["test"].read_text() == a["test"].read_text()
+    assert _digest(tmp_path / "d") == _digest(tmp_path / "a", "test")
 
 
 def test_held_out_images_never_occur_in_training_and_follow_its_distribution(tmp_path):

@@ -14,15 +14,9 @@ PLAIN = ROOT / "checkpoints" / "tiny-llava-plain"
 
 def held_out_sample(tmp_path, n: int, report: dict) -> Path:
     """The first n held-out questions of the recipe's synthetic split, rebuilt in tmp_path."""
-    from skipvision.synthetic import conversation, render, scenes
-    lines = []
-    for split, k, rng, scene in scenes(report["n_train"], n, seed=report["seed"]):
-        if split == "test":
-            render(scene).save(tmp_path / f"{k}.png")
-            conv, qtype = conversation(scene, rng, "qa", 1)
-            lines.append(json.dumps({"image": f"{k}.png", "type": qtype, "conversations": conv}))
-    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
-    return tmp_path / "test.jsonl"
+    from skipvision.synthetic import write_dataset
+    return write_dataset(tmp_path, report["n_train"], n, seed=report["seed"],
+                         splits=("test",))["test"]
 
 
 def test_the_shipped_checkpoints_are_small_and_complete():
