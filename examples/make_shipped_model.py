@@ -198,7 +198,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table-only", action="store_true",
                    help="keep the shipped checkpoints: re-score them, re-time both SFT "
-                   "variants from the plain weights for --time-steps steps, rewrite the table")
+                   "variants from the plain weights for --time-steps steps, rewrite the table (the "
+                   "Skip-FFN setting is the shipped skip_config.json; the flags are ignored)")
     p.add_argument("--time-steps", type=int, default=40)
     p.add_argument("--stage1-from", help="a stage-1 checkpoint directory (runs/.../stage1/"
                    "step-N) to start stage 2 from instead of training stage 1")
@@ -239,9 +240,8 @@ def main(argv=None):
     train = load_conversations(paths["train"], proc)
     cfg2 = TrainConfig(steps=stage2_steps, batch_size=a.batch_size, lr=1e-3, min_lr=5e-5,
                        warmup_steps=min(50, stage2_steps // 4), seed=a.seed + 1)
-    start = copy.deepcopy(plain)
-    runs = {"plain": (copy.deepcopy(start), None),
-            "skip_ffn": (with_summary_scorer(copy.deepcopy(start)), skip)}
+    runs = {"plain": (copy.deepcopy(plain), None),
+            "skip_ffn": (with_summary_scorer(copy.deepcopy(plain)), skip)}
     print(f"stage 2: {stage2_steps} steps of plain and Skip-FFN SFT, interleaved",
           file=sys.stderr)
     timed = side_by_side(runs, train, cfg2)
