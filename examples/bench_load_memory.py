@@ -50,8 +50,8 @@ def make(directory: str, mb: int):
 def measure(directory: str, how: str):
     import torch  # noqa: F401 - imported before the baseline is taken
     from skipvision import Llava, load_pretrained
-    from skipvision.hf_config import from_hf
-    from skipvision.hub import read_json
+    from skipvision.io.hf_config import from_hf
+    from skipvision.io.hub import read_json
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     except OSError:

@@ -7,7 +7,7 @@ Every comparison is interleaved: each repeat runs every variant once, alternatin
 after warm-up repeats; CUDA is synchronised before and after each timed call. Reported are
 medians, and ratios as the median over repeats of the per-repeat ratio (paired, so slow
 moments of a shared machine hit both sides). Measured, against the analytic numbers of
-skipvision.flops:
+skipvision.analysis.flops:
 - prefill of the language model (LM), plain vs Skip-Vision; and end to end (vision included);
 - per-token decode, plain vs Skip-Vision with kv "keep" and with kv "evict";
 - KV-cache bytes after prefill; peak memory of a prefill and of a training step;
@@ -173,7 +173,7 @@ def hf_twin(model, a):
         print("transformers is not installed: skipping the comparison with it", file=sys.stderr)
         return None
     from skipvision import to_hf
-    from skipvision.keys import is_ignored, map_key
+    from skipvision.io.keys import is_ignored, map_key
     cfg = HFLlavaConfig.from_dict(to_hf(model.cfg))
     cfg._attn_implementation = "sdpa"  # transformers' fastest built-in attention on CPU and GPU
     with torch.device(a.device), lib.default_dtype(DTYPES[a.dtype]):

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from skipvision import bound
+from skipvision.analysis import bound
 from skipvision.kv_cache import FOREVER
 from skipvision.skip import RETAINED, SKIPPED, SUMMARY, TEXT, SkipConfig
 
@@ -218,7 +218,7 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     if a.smollm2:
-        from skipvision.gguf import gguf_tokenizer, load_gguf
+        from skipvision.io.gguf import gguf_tokenizer, load_gguf
         model = load_gguf(dtype=torch.float64)
         case = smollm2_input(model, gguf_tokenizer(), a.retained or 24, a.skipped or 40,
                              a.visual, a.seed)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from skipvision import flops, generate, load_pretrained
-from skipvision.processor import TEMPLATES
+from skipvision.io.processor import TEMPLATES
 from skipvision.skip import PRESETS, SkipConfig
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llava"

@@ -32,19 +32,19 @@ from pathlib import Path
 import torch
 
 from skipvision import LlavaConfig, TextConfig, VisionConfig
-from skipvision.data import collate, evaluate, load_conversations
-from skipvision.fit import build_model, fit, with_summary_scorer
-from skipvision.loading import load_pretrained, save_pretrained
+from skipvision.training.data import collate, evaluate, load_conversations
+from skipvision.training.fit import build_model, fit, with_summary_scorer
+from skipvision.io.loading import load_pretrained, save_pretrained
 from skipvision.skip import SkipConfig
-from skipvision.synthetic import build_tokenizer, make_scene, render, write_dataset
-from skipvision.train import TrainConfig, Trainer
+from skipvision.training.synthetic import build_tokenizer, make_scene, render, write_dataset
+from skipvision.training.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's SV-LLaVA 100 retained / 156 skipped of 576 tokens, scaled to 144 tokens; merged
 # tokens in raster order (after 400 SFT steps 89.3% held-out vs 87.5% in the authors'
 # redundancy order; README, Training).
 SKIP = SkipConfig(retained=25, skipped=39, summary=True, merge_order="spatial")
-TYPES = 7  # question types per scene (skipvision.synthetic._candidates)
+TYPES = 7  # question types per scene (skipvision.training.synthetic._candidates)
 TABLE_BEGIN, TABLE_END = "<!-- training-table:begin -->", "<!-- training-table:end -->"
 
 
@@ -117,7 +117,7 @@ def sample_answers(model, proc, image: Path, question: str, skip: SkipConfig) ->
 
 
 def training_flops(model, data, batch_size: int, skip) -> int:
-    """Analytic FLOPs of one training step on the first global batch (skipvision.flops):
+    """Analytic FLOPs of one training step on the first global batch (skipvision.analysis.flops):
     LM forward + backward, plus the frozen vision side's forward (tower, projector, split,
     merge, summary scorer)."""
     from skipvision import flops

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from skipvision.data import DataError, load_conversations
-from skipvision.fit import build_model, fit, resume, with_summary_scorer
+from skipvision.training.data import DataError, load_conversations
+from skipvision.training.fit import build_model, fit, resume, with_summary_scorer
 from skipvision.skip import SkipConfig
-from skipvision.train import PARTS, TrainConfig, Trainer, init_distributed
+from skipvision.training.train import PARTS, TrainConfig, Trainer, init_distributed
 
 
 def parse_args(argv=None):
@@ -89,7 +89,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from skipvision.loading import load_pretrained, torch_dtype
+    from skipvision.io.loading import load_pretrained, torch_dtype
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -102,7 +102,7 @@ def main(argv=None):
                           mask=a.mask, merge_order=a.merge_order, layers=layers)
     ckpt = None
     if a.resume:
-        from skipvision.checkpoint import resolve
+        from skipvision.training.checkpoint import resolve
         ckpt = resolve(a.resume)
         model, processor = load_pretrained(ckpt, dtype=dtype)
     elif a.model:

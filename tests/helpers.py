@@ -7,7 +7,7 @@ import torch
 from hypothesis import strategies as st
 
 from skipvision import Llava, from_hf
-from skipvision.keys import is_ignored, map_key
+from skipvision.io.keys import is_ignored, map_key
 
 
 def randomize_(model: torch.nn.Module, seed: int, scale: float = 1.0) -> torch.nn.Module:

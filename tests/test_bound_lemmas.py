@@ -18,8 +18,8 @@ import torch
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
-from skipvision import bound
-from skipvision import bound_lemmas as lem
+from skipvision.analysis import bound
+from skipvision.analysis import bound_lemmas as lem
 from skipvision.llama import LlamaForCausalLM
 
 from bound_support import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import example, find, given, settings, target
 
-from skipvision import bound
+from skipvision.analysis import bound
 from skipvision.config import TextConfig
 from skipvision.kv_cache import NEVER
 from skipvision.llama import attention_mask, rope_cos_sin
@@ -173,7 +173,7 @@ def test_smollm2_bound():
     """Real SmolLM2-135M weights (30 layers), random visual tokens in the paper's layout,
     Skip-FFN in every layer, then Skip-KV for 3 decode tokens: the bounds hold; the summary
     shows how tight they are at depth 30."""
-    from skipvision.gguf import gguf_tokenizer, load_gguf
+    from skipvision.io.gguf import gguf_tokenizer, load_gguf
     ex = check_bound_example()
     model = load_gguf(dtype=torch.float64)
     embeds, pos, horizon, skipped, visual = ex.smollm2_input(model, gguf_tokenizer(), 24, 40,

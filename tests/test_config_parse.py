@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from skipvision import Llava
-from skipvision.hf_config import (checkpoint_dtype, from_hf, from_original, is_original,
+from skipvision.io.hf_config import (checkpoint_dtype, from_hf, from_original, is_original,
                                   rope_from_hf, to_hf)
-from skipvision.keys import map_key
+from skipvision.io.keys import map_key
 
 # llava-hf/llava-1.5-7b-hf config.json, as published on the Hub (transformers 4.36).
 LLAVA_15_7B_HF = """{

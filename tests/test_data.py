@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skipvision import LlavaConfig, TextConfig, VisionConfig
-from skipvision.data import IGNORE, DataError, collate, encode, exact_match, load_conversations
-from skipvision.processor import ImageProcessor, Processor
-from skipvision.synthetic import (CELLS, COLOURS, build_tokenizer, caption, conversation,
+from skipvision.training.data import IGNORE, DataError, collate, encode, exact_match, load_conversations
+from skipvision.io.processor import ImageProcessor, Processor
+from skipvision.training.synthetic import (CELLS, COLOURS, build_tokenizer, caption, conversation,
                                   make_scene, render, vocabulary, write_dataset)
 
 SIZE = 24  # small images keep these tests fast; the shipped model uses 96

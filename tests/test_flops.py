@@ -1,4 +1,4 @@
-"""skipvision.flops against what torch.utils.flop_counter.FlopCounterMode counts, exactly.
+"""skipvision.analysis.flops against what torch.utils.flop_counter.FlopCounterMode counts, exactly.
 
 On CPU, SDPA runs the kernel aten._scaled_dot_product_flash_attention_for_cpu, for which torch
 registers no FLOP formula: FlopCounterMode counts its attention as 0 (checked below). So the

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from skipvision import gguf
+from skipvision.io import gguf
 from skipvision.config import TextConfig
 from skipvision.llama import apply_rope, rope_cos_sin
 

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from helpers import assert_close, build_hf, hf_specs, llava_inputs, ours_from_hf, randomize_
 from skipvision import Llava, LlavaConfig, Processor, TextConfig, VisionConfig
-from skipvision.hub import CheckpointError
-from skipvision.keys import LLAVA_PREFIXES, map_key
-from skipvision.loading import compact, load_pretrained, save_pretrained
-from skipvision.processor import ImageProcessor
+from skipvision.io.hub import CheckpointError
+from skipvision.io.keys import LLAVA_PREFIXES, map_key
+from skipvision.io.loading import compact, load_pretrained, save_pretrained
+from skipvision.io.processor import ImageProcessor
 from tiny_tokenizer import tiny_tokenizer
 
 TINY = dict(text=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2,

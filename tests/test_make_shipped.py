@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from skipvision.loading import load_pretrained
+from skipvision.io.loading import load_pretrained
 from test_loading import _example_module
 
 

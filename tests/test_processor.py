@@ -11,7 +11,7 @@ from PIL import Image
 
 from reference.pad_square import expand_to_square
 from skipvision import LlavaConfig, Processor, TextConfig, VisionConfig
-from skipvision.processor import (TEMPLATES, VICUNA_SYSTEM, ImageProcessor, InputError,
+from skipvision.io.processor import (TEMPLATES, VICUNA_SYSTEM, ImageProcessor, InputError,
                                   load_image, pad_to_square)
 from tiny_tokenizer import as_transformers, tiny_tokenizer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from skipvision.data import load_conversations
+from skipvision.training.data import load_conversations
 from skipvision.skip import SkipConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +14,7 @@ PLAIN = ROOT / "checkpoints" / "tiny-llava-plain"
 
 def held_out_sample(tmp_path, n: int, report: dict) -> Path:
     """The first n held-out questions of the recipe's synthetic split, rebuilt in tmp_path."""
-    from skipvision.synthetic import write_dataset
+    from skipvision.training.synthetic import write_dataset
     return write_dataset(tmp_path, report["n_train"], n, seed=report["seed"],
                          splits=("test",))["test"]
 
@@ -33,8 +33,8 @@ def test_the_shipped_models_reproduce_their_report(tmp_path):
     the two shipped models get what the recipe recorded, and the sample answers are the same;
     so the README's accuracy column is what these weights do."""
     from skipvision import generate
-    from skipvision.data import evaluate
-    from skipvision.loading import load_pretrained
+    from skipvision.training.data import evaluate
+    from skipvision.io.loading import load_pretrained
     report = json.loads((SHIPPED / "training_report.json").read_text())
     skip = SkipConfig(**json.loads((SHIPPED / "skip_config.json").read_text()))
     assert skip == SkipConfig(**report["skip"])

@@ -7,8 +7,8 @@ from PIL import Image
 
 from helpers import randomize_
 from skipvision import Llava, LlavaConfig, Processor, TextConfig, VisionConfig, flops, generate
-from skipvision.loading import save_pretrained
-from skipvision.processor import ImageProcessor
+from skipvision.io.loading import save_pretrained
+from skipvision.io.processor import ImageProcessor
 from skipvision.skip import PRESETS
 from test_loading import _example_module
 from tiny_tokenizer import tiny_tokenizer

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from skipvision import LlavaConfig, TextConfig, VisionConfig, to_hf
-from skipvision.checkpoint import checkpoints, resolve, save_checkpoint
-from skipvision.data import IGNORE, DataError, collate, load_conversations
-from skipvision.fit import build_model, fit, with_summary_scorer
+from skipvision.training.checkpoint import checkpoints, resolve, save_checkpoint
+from skipvision.training.data import IGNORE, DataError, collate, load_conversations
+from skipvision.training.fit import build_model, fit, with_summary_scorer
 from skipvision.skip import SkipConfig
-from skipvision.synthetic import build_tokenizer, write_dataset
-from skipvision.train import AnswerLoss, TrainConfig, Trainer, batch_indices
+from skipvision.training.synthetic import build_tokenizer, write_dataset
+from skipvision.training.train import AnswerLoss, TrainConfig, Trainer, batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 24  # 6x6 = 36 image tokens: small enough for fast tests
@@ -209,12 +209,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(dataset, tmp_path, m
     model, proc, data = setup(dataset)
     first = save_checkpoint(tmp_path, 1, model, proc, {"step": 1})
     files = {p.name: p.read_bytes() for p in first.iterdir()}
-    import skipvision.loading
+    import skipvision.io.loading
 
     def broken(*a, **k):
         (Path(a[1]) / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
-    monkeypatch.setattr(skipvision.loading, "save_pretrained", broken)
+    monkeypatch.setattr(skipvision.io.loading, "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 2, model, proc, {"step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000001"]
@@ -229,7 +229,7 @@ def test_cli_smoke_skip_vision_sft_with_evaluation(dataset, tmp_path, capsys):
         "--out", str(tmp_path / "run"), "--dtype", "float32"])
     err = capsys.readouterr().err
     assert "eval at step 3: exact match" in err and "step 3/3" in err
-    from skipvision.loading import load_pretrained
+    from skipvision.io.loading import load_pretrained
     model, _ = load_pretrained(tmp_path / "run" / "latest")
     assert model.summary_scorer is not None and model.cfg.summary
     info = json.loads((tmp_path / "run" / "latest" / "training.json").read_text())
@@ -262,7 +262,7 @@ def test_torchrun_two_processes_equal_one_process(dataset, tmp_path):
 def test_bf16_autocast_step_on_cuda(dataset):
     model, proc, data = setup(dataset, dtype=torch.float32)
     model = model.cuda()
-    from skipvision.train import Dist
+    from skipvision.training.train import Dist
     tr = Trainer(model, data, TrainConfig(steps=2, batch_size=4, warmup_steps=1), None,
                  proc.pad_token_id, Dist(device=torch.device("cuda")))
     losses = [tr.step().loss for _ in range(2)]

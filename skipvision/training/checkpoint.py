@@ -25,7 +25,7 @@ STEP_DIR = re.compile(r"^step-(\d{7})$")
 def save_checkpoint(out_dir, step: int, model, processor, trainer_state: dict | None = None,
                     info: dict | None = None, keep_last: int = 0) -> Path:
     """Write OUT/step-NNNNNNN atomically, point OUT/latest at it, prune to `keep_last` (0: all)."""
-    from .loading import save_pretrained
+    from ..io.loading import save_pretrained
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"

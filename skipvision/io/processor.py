@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import LlavaConfig
+from ..config import LlavaConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (llava-hf preprocessor_config.json)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

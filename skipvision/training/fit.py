@@ -18,9 +18,9 @@ import torch
 
 from .checkpoint import load_trainer_state, resolve, save_checkpoint
 from .data import DataError, evaluate
-from .hf_config import from_hf
+from ..io.hf_config import from_hf
 from .train import StepStats, Trainer
-from .vlm import Llava
+from ..vlm import Llava
 
 
 class Progress:
@@ -64,7 +64,7 @@ def build_model(config, tokenizer, seed: int = 0, dtype=None):
     initialisation under `torch.manual_seed(seed)` (the global RNG is left as it was)."""
     from tokenizers import Tokenizer
 
-    from .processor import ImageProcessor, Processor
+    from ..io.processor import ImageProcessor, Processor
     if isinstance(config, (str, Path)):
         config = from_hf(json.loads(Path(config).read_text()))
     if isinstance(tokenizer, (str, Path)):

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from .bound_lemmas import (AttnStats, FfnStats, LayerStats, apriori_constants, head_bound,
                            head_norms, layer_step, weight_norms)
-from .kv_cache import FOREVER
-from .llama import apply_rope, attention_mask, rope_cos_sin
+from ..kv_cache import FOREVER
+from ..llama import apply_rope, attention_mask, rope_cos_sin
 
 
 def _cdist(a, b):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .processor import TEMPLATES, load_image
+from ..io.processor import TEMPLATES, load_image
 
 IGNORE = -100  # label of a position that carries no loss (PyTorch's cross_entropy default)
 
@@ -245,7 +245,7 @@ def evaluate(model, data: ConversationData, skip=None, batch_size: int = 64,
     The prompt is the first user turn alone; generation stops at </s>. `shard` (rank, world)
     scores every world-th record from rank on (the caller sums the counts over processes).
     """
-    from .generate import generate
+    from ..generate import generate
     processor = data.processor
     tok = processor.tokenizer
     param = next(model.parameters())

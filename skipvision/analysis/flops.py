@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LlavaConfig, TextConfig
-from .skip import PRESETS, SKIPPED, Layout, SkipConfig
+from ..config import LlavaConfig, TextConfig
+from ..skip import PRESETS, SKIPPED, Layout, SkipConfig
 
 
 @dataclass(frozen=True)
