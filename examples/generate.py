@@ -101,7 +101,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def flops_both_paths(cfg, text_tokens: int, n_images: int, skip, new_tokens: int, dtype):
-    """Analytic FLOPs (skipvision/flops.py): plain and Skip-Vision, or plain only when no
+    """Analytic FLOPs (skipvision/analysis/flops.py): plain and Skip-Vision, or plain only when no
     Skip-Vision setting was asked for. The single place this script computes FLOPs."""
     out = flops.compare(cfg, text_tokens, n_images, skip or SkipConfig(0, 0, summary=False),
                         max(new_tokens, 1), dtype)
@@ -167,21 +167,24 @@ def answer(model, processor, inputs, skip, a) -> dict:
     """Generate (streaming the text when a.report is text); the answer and its costs."""
     device = inputs["input_ids"].device
     generator = torch.Generator(device).manual_seed(a.seed)
-    new, shown = [], ""
+    new, shown, arrived = [], "", []
 
     def stream(tok):  # decode everything so far: multi-byte and word-initial pieces print right
         nonlocal shown
-        new.append(int(tok[0]))
+        new.append(int(tok[0]))  # reading the token waits for the device
+        arrived.append(time.perf_counter())
         text = processor.decode(new)
         if a.report == "text":
             print(text[len(shown):], end="", flush=True)
         shown = text
 
+    t0 = time.perf_counter()
     gen = generate(model, inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
                    inputs["attention_mask"], max_new_tokens=a.max_new_tokens,
                    temperature=a.temperature, top_p=a.top_p, generator=generator, skip=skip,
                    on_token=stream)
-    n_new, st = int(gen.lengths[0]), gen.stats
+    n_new, kv = int(gen.lengths[0]), gen.kv_bytes
+    decode_s = arrived[n_new - 1] - arrived[0] if n_new > 1 else None
     n_prompt, n_image = inputs["input_ids"].shape[1], model.cfg.image_seq_length
     t = model.cfg.text  # one cached token: K and V in every layer
     slot = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model_dtype(
@@ -191,12 +194,11 @@ def answer(model, processor, inputs, skip, a) -> dict:
         answer=processor.decode(gen.tokens[0, :n_new]),
         prompt_tokens=n_prompt, image_tokens=n_image, new_tokens=n_new,
         prefill_tokens=gen.prompt_tokens,
-        time_to_first_token_s=round(st.get("time_to_first_token_s", float("nan")), 4),
-        decode_tokens_per_s=round((n_new - 1) / st["decode_s"], 2) if n_new > 1 and st.get(
-            "decode_s") else None,
-        kv_bytes_prefill=st["kv_bytes_prefill"], kv_bytes=st["kv_bytes_after_prefill"],
-        kv_bytes_saved=st["kv_bytes_prefill"] - st["kv_bytes_after_prefill"],
-        tokens_kept_in_cache=st["kv_bytes_after_prefill"] // slot,
+        time_to_first_token_s=round(arrived[0] - t0, 4) if arrived else None,
+        decode_tokens_per_s=round((n_new - 1) / decode_s, 2) if decode_s else None,
+        kv_bytes_prefill=kv["prefill"], kv_bytes=kv["after_eviction"],
+        kv_bytes_saved=kv["prefill"] - kv["after_eviction"],
+        tokens_kept_in_cache=kv["after_eviction"] // slot,
         peak_memory_bytes=peak_memory_bytes(device),
         skip=None if skip is None else vars(skip),
         flops=flops_both_paths(model.cfg, n_prompt - n_image, 1, skip, n_new,

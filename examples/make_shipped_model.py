@@ -3,7 +3,7 @@
     python examples/make_shipped_model.py                # everything (see README: Training)
     python examples/make_shipped_model.py --table-only   # re-time, re-score, rewrite the table
 
-1. Data: synthetic shapes at 96x96 px (skipvision/synthetic.py). Stage 1 sees, per training
+1. Data: synthetic shapes at 96x96 px (skipvision/training/synthetic.py). Stage 1 sees, per training
    image, a caption and a QA conversation (every question type), plus single-shape scenes;
    stage 2 the QA conversations; the held-out split has one question per line and no
    training image.
@@ -125,7 +125,7 @@ def training_flops(model, data, batch_size: int, skip) -> int:
                                [data.pixels(i) for i in range(batch_size)])
     with torch.no_grad():
         inp = model.prepare(ids, px, mask, skip=skip)
-    g = flops.geometry_of(inp, model.cfg, skip)
+    g = flops.geometry_of(inp, model.cfg)
     return flops.training_step(model.cfg, g)["total"] + flops.vision(model.cfg, batch_size,
                                                                      skip)["total"]
 

@@ -1,8 +1,9 @@
-"""Slow oracle of Lemma 6 (one decoder layer) of proofs/error_bound.md, token by token.
+"""Slow oracles of proofs/error_bound.md: Lemma 6 (one decoder layer) token by token, and
+Lemma 4 (eviction, one head) as two softmaxes.
 
 Written from the proof with Python loops over batch rows, heads, queries and keys, explicit
 per-head weight blocks with the RMSNorm gains folded in, and matrix_norm for every spectral
-norm; it shares no code with skipvision/bound*.py. Float64 throughout.
+norm; it shares no code with skipvision/analysis/bound*.py. Float64 throughout.
 """
 from __future__ import annotations
 
@@ -144,3 +145,17 @@ def layer_bound(layer, cfg, x, pos, mask_ref, mask_new, skip_ref, skip_new, delt
             # the perturbed row runs the FFN: its change; the runs disagree: the FFN output
             out[b, i] = eta + (d_ffn if not sn else 0) + (f.norm().item() if sr != sn else 0)
     return out
+
+
+def evicted_attention(scores, v, evicted):
+    """Lemma 4, one head: (o_full, o_evicted, alpha, v_bar) for scores (T,), values (T, D).
+
+    alpha is the full softmax's mass on the evicted keys and v_bar their weighted mean; the
+    identity o_full - o_evicted = alpha (v_bar - o_evicted) holds exactly.
+    """
+    a = scores.softmax(-1)
+    o_full = a @ v
+    o_evicted = scores.masked_fill(evicted, -math.inf).softmax(-1) @ v
+    alpha = a[evicted].sum()
+    v_bar = (a[evicted] @ v[evicted]) / alpha if alpha > 0 else torch.zeros_like(o_full)
+    return o_full, o_evicted, alpha, v_bar

@@ -117,7 +117,7 @@ class LlavaConfig:
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     projector_hidden_act: str = "gelu"  # exact (erf) GELU
     multimodal_projector_bias: bool = True
-    summary: bool = False  # the Skip-Vision summary scorer exists (paper: summary tokens)
+    summary_scorer: bool = False  # the Skip-Vision summary-token scorer exists (paper)
 
     def __post_init__(self):
         if isinstance(self.vision_feature_layer, list):

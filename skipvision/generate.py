@@ -6,14 +6,12 @@ at one place (grep "skip-vision hook"): after prefill, the skipped tokens leave 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .kv_cache import KVCache
-from .kv_cache import FOREVER
+from .kv_cache import FOREVER, KVCache
 from .vlm import LMInput, Llava
 
 
@@ -55,17 +53,12 @@ def decode_step(model: Llava, tokens: torch.Tensor, pos: torch.Tensor, cache: KV
     return model.logits(h[:, -1])
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class Generation:
     tokens: torch.Tensor  # (B, N) new tokens; after a row's EOS, filled with that EOS
     lengths: torch.Tensor  # (B,) new tokens per row, EOS included
     prompt_tokens: int  # prefill length (padded), after Skip-Vision's rearrangement
-    stats: dict = field(default_factory=dict)  # seconds and cache bytes
+    kv_bytes: dict = field(default_factory=dict)  # cache after prefill, eviction, the last step
 
 
 @torch.inference_mode()
@@ -76,20 +69,18 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
              on_token: Callable[[torch.Tensor], None] | None = None) -> Generation:
     """Prefill then decode until every row emitted an EOS or `max_new_tokens` were made.
 
-    input_ids (B, T) left-padded, image tokens expanded; `skip` a skip.SkipConfig or None.
-    `on_token(tokens)` receives each step's (B,) tokens as they come (streaming).
+    input_ids (B, T) left-padded, image tokens expanded; `skip` a SkipConfig or None.
+    `on_token(tokens)` receives each step's (B,) tokens as they come (streaming, timing).
     """
     eos_ids = model.cfg.text.eos_ids if eos_ids is None else tuple(eos_ids)
     device = input_ids.device
-    stats = {}
-    t0 = time.perf_counter()
     inp = model.prepare(input_ids, pixel_values, attention_mask, skip=skip)
     cache = KVCache(model.cfg.text.num_hidden_layers)
     logits = prefill(model, inp, cache)
-    stats["kv_bytes_prefill"] = cache.nbytes()
+    kv_bytes = {"prefill": cache.nbytes()}
     if inp.layout is not None and skip.kv == "evict":  # skip-vision hook: Skip-KV
-        cache.keep(~inp.layout.skipped)
-    stats["kv_bytes_after_prefill"] = cache.nbytes()
+        cache.keep(~inp.layout.is_skipped)
+    kv_bytes["after_eviction"] = cache.nbytes()
     pos = inp.pos.max(dim=1).values + 1  # (B,) one past each row's last prompt position
     B = input_ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -99,10 +90,6 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
         tok = sample(logits, temperature, top_k, top_p, generator)
         if step > 0:
             tok = torch.where(done, out[-1], tok)
-        else:
-            _sync(device)
-            stats["time_to_first_token_s"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
         out.append(tok)
         lengths += (~done).long()
         done = done | torch.isin(tok, eos)
@@ -112,9 +99,6 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
             break
         logits = decode_step(model, tok, pos, cache)
         pos = pos + 1
-    _sync(device)
-    if out:
-        stats["decode_s"] = time.perf_counter() - t1
-    stats["kv_bytes_final"] = cache.nbytes()
+    kv_bytes["final"] = cache.nbytes()
     tokens = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
-    return Generation(tokens, lengths, inp.embeds.shape[1], stats)
+    return Generation(tokens, lengths, inp.embeds.shape[1], kv_bytes)

@@ -1,9 +1,13 @@
-"""KV cache: post-RoPE keys/values per layer plus each slot's position and horizon.
+"""Token slots: left-padded rows, their positions and horizons; and the KV cache that keeps them.
 
-A plain object, created by `generate` and passed to the model; no module owns it. Positions
-and horizons are shared by all layers (every layer caches the same tokens). Keys are stored
-after RoPE, so removing slots (Skip-KV eviction) never changes a kept key; new queries take
-their positions from the caller, never from the number of cached slots.
+Every token the language model sees sits in a slot with a RoPE position and a horizon (the
+last query position allowed to see it). Rows of a batch are padded on the left, so generation
+continues at the right edge; positions count a row's real tokens only (`slots`).
+
+The cache is a plain object, created by `generate` and passed to the model; no module owns
+it. Positions and horizons are shared by all layers (every layer caches the same tokens). Keys
+are stored after RoPE, so removing slots (Skip-KV eviction) never changes a kept key; new
+queries take their positions from the caller, never from the number of cached slots.
 
 Shapes: B batch, Hkv kv heads, S slots, D head dim.
 """
@@ -13,6 +17,25 @@ import torch
 
 NEVER = -1  # horizon of a padding slot: visible to no query
 FOREVER = torch.iinfo(torch.int64).max  # horizon of an ordinary token
+
+
+def left_pad(rows: list[torch.Tensor], fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (L_b, ...) -> (B, T, ...) padded on the left with `fill`, and the (B, T) bool mask
+    of real entries; T is the longest row."""
+    T = max((len(r) for r in rows), default=0)
+    first = rows[0]
+    out = first.new_full((len(rows), T, *first.shape[1:]), fill)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool, device=first.device)
+    for b, r in enumerate(rows):
+        out[b, T - len(r):], mask[b, T - len(r):] = r, True
+    return out, mask
+
+
+def slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and horizons (B, T) of a left-padded batch with real tokens where `mask`:
+    positions count real tokens from 0; a padding slot gets position 0 and is never seen."""
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+    return pos, torch.where(mask, FOREVER, NEVER)
 
 
 class KVCache:

@@ -7,8 +7,9 @@ rotate-half RoPE, grouped-query attention through SDPA with an explicit boolean 
 Attention visibility comes from stored token positions, never from shapes or cache length:
 query at position p sees a key at position k iff k <= p <= horizon(key). A plain token has an
 infinite horizon, a padding slot horizon -1 (seen by nobody). Skip-Vision's `consistent`
-mask gives skipped tokens a finite horizon (skip.py); that and Skip-FFN (`ffn_rows`) are the
-only two places the paper touches this file; grep "skip-vision hook".
+mask gives skipped tokens a finite horizon (skip.py) and needs nothing here; Skip-FFN arrives
+as row indices (`ffn_rows`): the one place the paper touches this file (grep "skip-vision
+hook").
 
 Shapes: B batch, T query len, S key len (cache + new), H heads, Hkv kv heads, D head dim,
 C width, F ffn width.
@@ -24,7 +25,6 @@ from torch import nn
 
 from .config import RopeConfig, TextConfig
 from .kv_cache import FOREVER
-from .skip import skip_ffn
 from .vision import activation
 
 
@@ -136,10 +136,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, ffn_rows=None):
+        """`ffn_rows` (R,): flat indices into the B*T rows that get the FFN; None: all rows."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
         if ffn_rows is None:
             return h + self.mlp(self.post_attention_layernorm(h))
-        return skip_ffn(h, self.mlp, self.post_attention_layernorm, ffn_rows)  # skip-vision hook
+        flat = h.flatten(0, 1)  # (B*T, C); skip-vision hook: Skip-FFN, the FFN on R rows only
+        ffn = self.mlp(self.post_attention_layernorm(flat.index_select(0, ffn_rows)))  # (R, C)
+        return flat.index_add(0, ffn_rows, ffn).view_as(h)
 
 
 class LlamaModel(nn.Module):
@@ -155,7 +158,7 @@ class LlamaModel(nn.Module):
 
         `horizon` (B, T): last query position that may see each token (default: forever).
         `cache`: a KVCache, extended in place. `ffn_rows`: per layer, None or the flat (B*T)
-        indices of the rows that get the FFN (skip-vision hook, Skip-FFN).
+        indices of the rows that get the FFN (Skip-FFN).
         """
         if horizon is None:
             horizon = torch.full_like(pos, FOREVER)

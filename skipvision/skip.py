@@ -1,34 +1,50 @@
 """Skip-Vision (Zeng, Huang, Ji, Yan; ICCV 2025, arXiv 2503.21817) on top of the plain LLaVA.
 
-What the paper changes in LLaVA-1.5, and nothing else (everything else is vlm.py / llama.py):
-- Split: per image, the N_r patches the CLS token attends to most (summed over heads,
-  in the vision layer whose output is used) are *retained*, kept in raster order.
-- Merge: the other patches' projected features are merged ToMe-style down to N_s
-  *skipped* tokens (cosine redundancy; each source joins its most similar destination; plain
-  mean). The authors keep destinations in descending-redundancy order (`merge_order`).
+What the paper changes, and nothing else (everything else is vlm.py / llama.py):
+- Split: per image, N_r tokens are *retained*, kept in raster order. Which ones is a policy
+  (`RETAIN`): for LLaVA-1.5 the N_r the CLS token attends to most, summed over heads, in the
+  vision layer whose output is used.
+- Merge: the other tokens are merged ToMe-style down to N_s *skipped* tokens (cosine
+  redundancy; each source joins its most similar destination; plain mean). The authors keep
+  destinations in descending-redundancy order (`merge_order`).
 - Summary tokens: q1 softmax-pools the retained tokens, q2 the skipped ones, scored by
   one small module, LayerNorm(C) -> Linear(C, 1) (zero-initialised: an exact mean).
 - Layout: [text][retained N_r][q1][skipped N_s][q2][text], positions contiguous over all of it.
 - Mask: `causal` (as the authors' code) or `consistent` (text after the image cannot see the
   skipped tokens, which makes prefill agree with Skip-KV decoding).
-- Skip-FFN: in the chosen layers, skipped tokens take only the attention residual;
-  the FFN runs on the other rows only (gather/scatter), forward and backward.
+- Skip-FFN: in the chosen layers, skipped tokens take only the attention residual; the FFN
+  runs on the other rows only (`ffn_rows`, llama.py).
 - Skip-KV: after prefill the skipped tokens' keys/values leave the cache (generate.py).
 
-Shapes: B batch, T tokens, I images, N image tokens per image, M = N - N_r merge candidates,
-C LLM width, P vision positions.
+`arrange` is the seam: the plain model's input (vlm.LMInput) and where its images are
+(vlm.ImageTokens) in, the arranged input out: a gather over the plain rows (text, retained)
+plus the rows made here (merged, summary). This module imports neither vlm nor llama.
+
+Shapes: B batch, T tokens, I images, N tokens per image, M = N - N_r merge candidates,
+E rows made per image, C LLM width.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import FOREVER, NEVER
+from .kv_cache import left_pad, slots
 
 PAD, TEXT, RETAINED, SUMMARY, SKIPPED = -1, 0, 1, 2, 3  # Layout.kind values
+
+
+def by_cls_attention(cls_attention: torch.Tensor, n: int) -> torch.Tensor:
+    """(I, N) CLS attention -> (I, n) indices of the n most attended tokens, raster order
+    (ties: the earlier token). Skip-Vision's split for LLaVA-1.5 (paper, Sec. 3)."""
+    rank = torch.argsort(cls_attention, dim=-1, descending=True, stable=True)
+    return rank[:, :n].sort(-1).values
+
+
+RETAIN = {"cls_attention": by_cls_attention}  # SkipConfig.retain -> policy
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,7 @@ class SkipConfig:
     kv: str = "evict"  # Skip-KV after prefill, or "keep"
     layers: tuple[int, ...] | None = None  # decoder layers with Skip-FFN; None = all
     merge_order: str = "redundancy"  # order of the merged tokens, or "spatial" (raster)
+    retain: str = "cls_attention"  # which tokens are retained: a key of RETAIN
 
     def __post_init__(self):
         if self.layers is not None:
@@ -50,7 +67,8 @@ class SkipConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"SkipConfig.{name} must be an integer >= 0, got {v!r}")
         for name, allowed in [("mask", ("causal", "consistent")), ("kv", ("evict", "keep")),
-                              ("merge_order", ("redundancy", "spatial"))]:
+                              ("merge_order", ("redundancy", "spatial")),
+                              ("retain", tuple(RETAIN))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"SkipConfig.{name} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")
@@ -71,6 +89,9 @@ class SkipConfig:
     def ffn_layers(self, n_layers: int) -> tuple[int, ...]:
         return tuple(range(n_layers)) if self.layers is None else self.layers
 
+    def replace(self, **changes) -> "SkipConfig":
+        return dataclasses.replace(self, **changes)
+
 
 PRESETS = {  # (N_r, N_s) settings reported in the paper
     "sv-llava-100-156": SkipConfig(retained=100, skipped=156),
@@ -81,21 +102,20 @@ PRESETS = {  # (N_r, N_s) settings reported in the paper
 
 @dataclass
 class Layout:
-    """Where every token of the arranged (B, T) sequence came from, and where features went."""
+    """Where every token of the arranged (B, T) sequence came from, and where images went."""
     kind: torch.Tensor  # (B, T) PAD / TEXT / RETAINED / SUMMARY / SKIPPED
-    source: torch.Tensor  # (B, T) column in the original prompt for text tokens, else -1
-    image: torch.Tensor  # (B, T) image index for image-derived tokens, else -1
-    patch: torch.Tensor  # (B, T) feature index of retained tokens and merge destinations, else -1
-    feature_dest: torch.Tensor  # (I, N) arranged column each image feature ended up in (-1 if dropped)
+    index: torch.Tensor  # (B, T) the plain input's flat (B*T0) row a token copies; -1 if made here
+    image: torch.Tensor  # (B, T) image of image-derived tokens, else -1
+    dest: torch.Tensor  # (I, N) column each image token ended up in (-1: dropped, N_s = 0)
 
     @property
-    def skipped(self) -> torch.Tensor:
+    def is_skipped(self) -> torch.Tensor:
         return self.kind == SKIPPED
 
     def take_text(self, values: torch.Tensor, fill) -> torch.Tensor:
-        """Per-token values of the original (B, T0) prompt, moved onto the arranged text tokens."""
-        out = values.gather(1, self.source.clamp(min=0))
-        return out.masked_fill(self.source < 0, fill)
+        """Per-token values of the plain (B, T0) prompt, moved onto the arranged text tokens."""
+        out = values.flatten()[self.index.clamp(min=0)]
+        return out.masked_fill(self.kind != TEXT, fill)
 
 
 class SummaryScorer(nn.Module):
@@ -121,28 +141,15 @@ def summary_pool(x: torch.Tensor, scorer: SummaryScorer | None) -> torch.Tensor:
     return torch.einsum("im,imc->ic", w, x)
 
 
-def cls_attention(layer, h: torch.Tensor) -> torch.Tensor:
-    """CLS-query attention probabilities of one CLIP layer, summed over heads: (I, P).
-
-    h (I, P, Cv) is the layer's input; only the CLS row is computed, never the (P, P) map.
-    """
-    attn = layer.self_attn
-    x = layer.layer_norm1(h)
-    q = attn.heads(attn.q_proj(x[:, :1]))  # (I, H, 1, D)
-    k = attn.heads(attn.k_proj(x))  # (I, H, P, D)
-    scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.head_dim ** -0.5  # (I, H, P)
-    return scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).sum(1)
-
-
 def merge(x: torch.Tensor, n_out: int, order: str):
     """ToMe-like merge of candidates (I, M, C) down to (I, n_out, C).
 
     Returns the merged tokens, the candidate index of each destination (I, n_out), and the
-    output slot each candidate joined (I, M).
+    output slot each candidate joined (I, M; -1 when n_out = 0 and all are dropped).
     """
     I, M, C = x.shape
     r = M - n_out
-    if n_out == 0:  # N_s = 0: the candidates are dropped
+    if n_out == 0:
         return x[:, :0], torch.zeros(I, 0, dtype=torch.long, device=x.device), torch.full(
             (I, M), -1, dtype=torch.long, device=x.device)
     xn = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)  # ranks in fp32+
@@ -164,136 +171,94 @@ def merge(x: torch.Tensor, n_out: int, order: str):
     return sums / counts[..., None], dst, slot
 
 
-def split_images(model, pixel_values: torch.Tensor, skip: SkipConfig):
-    """Pixels (I, 3, S, S) -> retained (I, N_r, C), skipped (I, N_s, C), indices and merge slots."""
-    cfg = model.cfg
-    last = cfg.feature_layers[-1]
-    if last == 0:
-        raise ValueError("Skip-Vision ranks patches by CLS attention in the feature layer; "
-                         "vision_feature_layer 0 (the embeddings) has no attention")
-    hs = model.vision_tower.hidden_states(pixel_values, (last - 1, *cfg.feature_layers))
-    feats = model.project(hs[1:])  # (I, N, C)
-    attn = cls_attention(model.vision_tower.vision_model.encoder.layers[last - 1], hs[0])
-    scores = attn[:, 1:] if cfg.vision_feature_select_strategy == "default" else attn  # (I, N)
-    rank = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    keep = rank[:, :skip.retained].sort(-1).values  # raster order
-    rest = rank[:, skip.retained:].sort(-1).values  # (I, M) merge candidates, raster order
-    take = lambda t: feats.gather(1, t[..., None].expand(-1, -1, feats.shape[-1]))
-    merged, dst, slot = merge(take(rest), skip.skipped, skip.merge_order)
-    return take(keep), merged, keep, rest, rest.gather(1, dst), slot
+def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """(I, K) indices -> (I, n - K) the others, ascending."""
+    taken = torch.zeros(keep.shape[0], n, dtype=torch.bool, device=keep.device)
+    return (~taken.scatter(1, keep, True)).nonzero()[:, 1].view(keep.shape[0], n - keep.shape[1])
 
 
-def prepare(model, input_ids, pixel_values, attention_mask, skip: SkipConfig, position_ids=None):
-    """The Skip-Vision counterpart of Llava.prepare: arranged embeddings, positions, mask, rows."""
-    from .vlm import LMInput  # vlm imports this module
+def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_layers: int,
+            position_ids=None):
+    """The plain input (vlm.LMInput) and its images (vlm.ImageTokens) -> the arranged LMInput.
 
-    cfg, n = model.cfg, model.cfg.image_seq_length
-    skip.check(n, cfg.text.num_hidden_layers)
+    Per image: retained rows (by the `skip.retain` policy), merged rows, summary rows, in the
+    order [retained][q1][skipped][q2], where the image's tokens were; text stays in place.
+    """
     if position_ids is not None:
         raise ValueError("position_ids cannot be combined with Skip-Vision: positions are "
                          "recomputed over the arranged sequence")
-    if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
-        raise ValueError("Skip-Vision needs left padding (padding only before each prompt)")
-    is_img = (input_ids == cfg.image_token_id) & attention_mask
-    n_img = int(is_img.sum()) // n
-    if int(is_img.sum()) != n_img * n or (n_img > 0) != (pixel_values is not None) or (
-            pixel_values is not None and pixel_values.shape[0] != n_img):
-        raise ValueError(f"the prompt holds {int(is_img.sum())} image tokens but "
-                         f"{0 if pixel_values is None else pixel_values.shape[0]} image(s) of "
-                         f"{n} tokens each were given; expand each <image> to {n} tokens")
-    text = model.embed_text(input_ids)
-    if n_img:
-        ret, mrg, keep, rest, dst_patch, slot = split_images(model, pixel_values, skip)
-        ret, mrg = ret.to(text.dtype), mrg.to(text.dtype)
-        if skip.summary:
-            q1, q2 = summary_pool(ret, model.summary_scorer), summary_pool(mrg, model.summary_scorer)
-    rows, g = [], 0
-    for b in range(input_ids.shape[0]):
-        cols = attention_mask[b].nonzero().squeeze(1)
-        img_cols = is_img[b].nonzero().squeeze(1).view(-1, n)  # (images in row, N)
-        if (img_cols[:, -1] - img_cols[:, 0] != n - 1).any():
-            raise ValueError(f"row {b}: each image's {n} tokens must be contiguous")
-        segs, start = [], int(cols[0]) if len(cols) else input_ids.shape[1]
-        for block in img_cols:
-            segs.append(_text_segment(text[b], start, int(block[0])))
-            segs += _image_segments(skip, ret[g], mrg[g], keep[g], dst_patch[g], g,
-                                    q1[g] if skip.summary else None, q2[g] if skip.summary else None)
-            start, g = int(block[-1]) + 1, g + 1
-        segs.append(_text_segment(text[b], start, input_ids.shape[1]))
-        rows.append([torch.cat(parts) for parts in zip(*segs)])
-    T = max(r[0].shape[0] for r in rows)
-    B, C, dev = len(rows), text.shape[-1], text.device
-    embeds = text.new_zeros(B, T, C)
-    kind, source, image, patch = (torch.full((B, T), v, dtype=torch.long, device=dev)
-                                  for v in (PAD, -1, -1, -1))
-    for b, (e, k, s, im, p) in enumerate(rows):
-        L = e.shape[0]
-        embeds[b, T - L:], kind[b, T - L:], source[b, T - L:] = e, k, s
-        image[b, T - L:], patch[b, T - L:] = im, p
-    valid = kind != PAD
-    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    horizon = torch.where(valid, FOREVER, NEVER)
-    if skip.mask == "consistent" and n_img:  # skipped tokens are seen only within their image
+    B, T, C = plain.embeds.shape
+    I, N = images.cols.shape
+    skip.check(N, n_layers)
+    flat = plain.embeds.flatten(0, 1)  # (B*T, C)
+    base = images.row[:, None] * T  # (I, 1): flat row of each image's row start
+    keep = RETAIN[skip.retain](images.cls_attention, skip.retained) if I else images.cols[:, :0]
+    rest = complement(keep, N)  # (I, M) merge candidates, raster order
+    keep_rows = base + images.cols.gather(1, keep)  # (I, N_r) flat plain rows
+    rest_rows = base + images.cols.gather(1, rest)  # (I, M)
+    merged, _, slot = merge(flat[rest_rows], skip.skipped, skip.merge_order)  # (I, N_s, C)
+    made = [merged]
+    if skip.summary:
+        q1, q2 = summary_pool(flat[keep_rows], scorer), summary_pool(merged, scorer)  # (I, C)
+        made = [q1[:, None], merged, q2[:, None]]
+    made = torch.cat(made, 1)  # (I, E, C)
+    E = made.shape[1]
+    made_rows = B * T + torch.arange(I * E, device=flat.device).view(I, E)
+    segment = torch.cat([keep_rows, made_rows], 1)  # (I, N_r + E): rows of the table below
+    q = int(skip.summary)
+    kinds = [RETAINED] * skip.retained + [SUMMARY] * q + [SKIPPED] * skip.skipped + [SUMMARY] * q
+    seg_kind = torch.tensor(kinds, device=flat.device)
+    index, kind, image = _rows(plain.attention_mask, images, segment, seg_kind)
+    pad_row = B * T + I * E
+    index, valid = left_pad(index, pad_row)
+    kind, image = left_pad(kind, PAD)[0], left_pad(image, -1)[0]
+    table = torch.cat([flat, made.flatten(0, 1), flat.new_zeros(1, C)])  # (B*T + I*E + 1, C)
+    embeds = table.index_select(0, index.flatten()).view(*index.shape, C)  # (B, T', C)
+    pos, horizon = slots(valid)
+    if skip.mask == "consistent" and I:  # skipped tokens are seen only within their image
         sel = image >= 0
-        last = torch.full((n_img,), -1, dtype=torch.long, device=dev).scatter_reduce(
+        last = torch.full((I,), -1, dtype=torch.long, device=pos.device).scatter_reduce(
             0, image[sel], pos[sel], "amax")
         horizon = torch.where(kind == SKIPPED, last[image.clamp(min=0)], horizon)
-    feature_dest = _feature_dest(kind, keep, rest, slot) if n_img else None
-    layout = Layout(kind, source, image, patch, feature_dest)
-    return LMInput(embeds, pos, horizon, valid, ffn_rows(layout.skipped, skip, cfg), layout)
+    col = torch.full((pad_row + 1,), -1, device=pos.device)  # arranged column of a table row
+    col[index[valid]] = valid.nonzero()[:, 1]
+    dest = torch.full((I, N), -1, dtype=torch.long, device=pos.device)
+    dest.scatter_(1, keep, col[keep_rows])
+    if skip.skipped:  # merged tokens: the column of the token they joined
+        dest.scatter_(1, rest, col[made_rows[:, q:q + skip.skipped].gather(1, slot)])
+    index = index.masked_fill(index >= B * T, -1)
+    layout = Layout(kind, index, image, dest)
+    return dataclasses.replace(plain, embeds=embeds, pos=pos, horizon=horizon,
+                               attention_mask=valid, layout=layout,
+                               ffn_rows=ffn_rows(layout.is_skipped, skip, n_layers))
 
 
-def _text_segment(text_row, start, end):
-    L = max(end - start, 0)
-    dev = text_row.device
-    return (text_row[start:end], torch.full((L,), TEXT, device=dev),
-            torch.arange(start, start + L, device=dev), torch.full((L,), -1, device=dev),
-            torch.full((L,), -1, device=dev))
+def _rows(mask, images, segment, seg_kind):
+    """Per batch row: the table rows, kinds and image numbers of the arranged sequence."""
+    B, T = mask.shape
+    dev = mask.device
+    cursor = (~mask).sum(1).tolist()  # first real column of each row (left padding)
+    text = lambda b, end: (b * T + torch.arange(cursor[b], end, device=dev))
+    out = [[[], [], []] for _ in range(B)]
+    for i, (b, start, end) in enumerate(zip(images.row.tolist(), images.cols[:, 0].tolist(),
+                                            images.cols[:, -1].tolist())):
+        t = text(b, start)
+        out[b][0] += [t, segment[i]]
+        out[b][1] += [torch.full_like(t, TEXT), seg_kind]
+        out[b][2] += [torch.full_like(t, -1), torch.full_like(seg_kind, i)]
+        cursor[b] = end + 1
+    for b in range(B):
+        t = text(b, T)
+        out[b][0].append(t)
+        out[b][1].append(torch.full_like(t, TEXT))
+        out[b][2].append(torch.full_like(t, -1))
+    return ([torch.cat(r[j]) for r in out] for j in range(3))
 
 
-def _image_segments(skip, ret, mrg, keep, dst_patch, g, q1, q2):
-    """[retained][q1][skipped][q2] of one image, as (embeds, kind, source, image, patch)."""
-    dev = ret.device
-    parts = [(ret, RETAINED, keep), (None if q1 is None else q1[None], SUMMARY, None),
-             (mrg, SKIPPED, dst_patch), (None if q2 is None else q2[None], SUMMARY, None)]
-    out = []
-    for e, k, p in parts:
-        if e is None:
-            continue
-        L = e.shape[0]
-        out.append((e, torch.full((L,), k, device=dev), torch.full((L,), -1, device=dev),
-                    torch.full((L,), g, device=dev),
-                    torch.full((L,), -1, device=dev) if p is None else p))
-    return out
-
-
-def _feature_dest(kind, keep, rest, slot):
-    """(I, N): arranged column of each image feature (its retained slot or merge destination;
-    -1 if it was dropped because N_s = 0). Images are numbered in row-major order."""
-    I = keep.shape[0]
-    cols = torch.arange(kind.shape[1], device=kind.device).expand_as(kind)
-    dest = torch.full((I, keep.shape[1] + rest.shape[1]), -1, dtype=torch.long,
-                      device=kind.device)
-    dest.scatter_(1, keep, cols[kind == RETAINED].view(I, -1))
-    if rest.shape[1] and (kind == SKIPPED).any():
-        dest.scatter_(1, rest, cols[kind == SKIPPED].view(I, -1).gather(1, slot))
-    return dest
-
-
-def ffn_rows(skipped: torch.Tensor, skip: SkipConfig, cfg) -> list | None:
+def ffn_rows(is_skipped: torch.Tensor, skip: SkipConfig, n_layers: int) -> list | None:
     """Per decoder layer: flat indices of the rows that get the FFN, or None (all rows)."""
-    if not bool(skipped.any()):
+    if not bool(is_skipped.any()):
         return None
-    rows = (~skipped).flatten().nonzero().squeeze(1)
-    layers = set(skip.ffn_layers(cfg.text.num_hidden_layers))
-    return [rows if i in layers else None for i in range(cfg.text.num_hidden_layers)]
-
-
-def skip_ffn(h: torch.Tensor, mlp, norm, rows: torch.Tensor) -> torch.Tensor:
-    """Skip-FFN (paper: Skip-FFN): h + mlp(norm(h)) on the flat rows `rows` only, h elsewhere.
-
-    h (B, T, C); rows (R,) indices into B*T. The FFN runs on R rows, forward and backward.
-    """
-    B, T, C = h.shape
-    flat = h.reshape(B * T, C)
-    return flat.index_add(0, rows, mlp(norm(flat.index_select(0, rows)))).view(B, T, C)
+    rows = (~is_skipped).flatten().nonzero().squeeze(1)
+    layers = set(skip.ffn_layers(n_layers))
+    return [rows if i in layers else None for i in range(n_layers)]

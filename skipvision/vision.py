@@ -59,6 +59,16 @@ class CLIPAttention(nn.Module):
         B, P, _ = x.shape
         return x.view(B, P, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, P, D)
 
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P): the attention probabilities of the CLS query (position 0), summed over heads.
+
+        Only the CLS row is computed, never the (P, P) map. Skip-Vision ranks patches by it.
+        """
+        q = self.heads(self.q_proj(x[:, :1]))  # (B, H, 1, D)
+        k = self.heads(self.k_proj(x))  # (B, H, P, D)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2) * self.head_dim ** -0.5  # (B, H, P)
+        return scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).sum(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, P, C = x.shape
         q, k, v = self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
@@ -113,13 +123,16 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         self.vision_model = CLIPVisionTransformer(cfg)
 
-    def hidden_states(self, pixel_values: torch.Tensor, indices) -> list[torch.Tensor]:
-        """The entries `indices` (0..num_layers, as in HF's hidden_states tuple), each (B, P, C)."""
+    def hidden_states(self, pixel_values: torch.Tensor, indices, cls_attention_in: int = 0):
+        """The entries `indices` (0..num_layers, as in HF's hidden_states tuple), each (B, P, C),
+        and the CLS query's attention (B, P) in layer `cls_attention_in` (1-based; 0: None)."""
         vm = self.vision_model
         x = vm.pre_layrnorm(vm.embeddings(pixel_values))
-        states = {0: x}
+        states, cls = {0: x}, None
         for i, layer in enumerate(vm.encoder.layers[:max(indices)], start=1):
+            if i == cls_attention_in:
+                cls = layer.self_attn.cls_attention(layer.layer_norm1(x))
             x = layer(x)
             if i in indices:
                 states[i] = x
-        return [states[i] for i in indices]
+        return [states[i] for i in indices], cls

@@ -5,11 +5,11 @@ names equal the llava-hf checkpoint's: `vision_tower.vision_model.*`, `multi_mod
 `language_model.model.*`, `language_model.lm_head`. The prompt holds one image token per
 image feature; their embeddings are replaced, in order, by the projected features.
 
-Skip-Vision plugs in at two places (grep "skip-vision hook"): `prepare` hands the prompt to
-skip.py, which reorders and merges the image tokens; `summary_scorer` holds the learned
-summary-token scorer when the checkpoint has one.
+Skip-Vision enters at two lines (grep "skip-vision hook"): `summary_scorer` holds the learned
+summary-token scorer when the checkpoint has one, and `prepare` hands the plain input and its
+images (`ImageTokens`) to skip.arrange, which returns the arranged input.
 
-Shapes: B batch, T tokens, I images, Nv image tokens per image, C LLM width, V vocab.
+Shapes: B batch, T tokens, I images, N image tokens per image, C LLM width, V vocab.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import skip as skipvision
+from . import skip as skip_vision
 from .config import LlavaConfig
-from .kv_cache import FOREVER, NEVER
+from .kv_cache import slots
 from .llama import LlamaForCausalLM
 from .projector import MultiModalProjector
 from .vision import VisionTower
@@ -33,13 +33,16 @@ class LMInput:
     pos: torch.Tensor  # (B, T) long, RoPE positions
     horizon: torch.Tensor  # (B, T) long, last query position allowed to see each token
     attention_mask: torch.Tensor  # (B, T) bool, False on padding
-    ffn_rows: list | None = None  # per layer: flat row indices that get the FFN (Skip-FFN)
-    layout: "skipvision.Layout | None" = None  # where every token went (Skip-Vision)
+    ffn_rows: list | None = None  # per decoder layer: None, or the flat rows that get the FFN
+    layout: skip_vision.Layout | None = None  # Skip-Vision: where every token came from
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Left padding: positions count valid tokens only; padding slots get 0."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+@dataclass
+class ImageTokens:
+    """The prompt's images as the plain input holds them, in prompt order (row-major)."""
+    row: torch.Tensor  # (I,) batch row of each image
+    cols: torch.Tensor  # (I, N) columns of each image's tokens, ascending and contiguous
+    cls_attention: torch.Tensor | None  # (I, N) the CLS query's attention on each token
 
 
 class Llava(nn.Module):
@@ -49,35 +52,49 @@ class Llava(nn.Module):
         self.vision_tower = VisionTower(cfg.vision)
         self.multi_modal_projector = MultiModalProjector(cfg)
         self.language_model = LlamaForCausalLM(cfg.text)
-        self.summary_scorer = (skipvision.SummaryScorer(cfg.text.hidden_size)  # skip-vision hook
-                               if cfg.summary else None)
+        self.summary_scorer = (skip_vision.SummaryScorer(cfg.text.hidden_size)  # skip-vision hook
+                               if cfg.summary_scorer else None)
 
     def project(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
-        """Selected CLIP hidden states, each (I, P, Cv) -> image features (I, Nv, C)."""
+        """Selected CLIP hidden states, each (I, P, Cv) -> image features (I, N, C)."""
         if self.cfg.vision_feature_select_strategy == "default":
             hidden_states = [h[:, 1:] for h in hidden_states]  # drop CLS
         return self.multi_modal_projector(torch.cat(hidden_states, dim=-1))
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(I, 3, S, S) pixels -> (I, Nv, C) features in the LLM's embedding space."""
-        return self.project(self.vision_tower.hidden_states(pixel_values, self.cfg.feature_layers))
+    def image_features(self, pixel_values: torch.Tensor, cls_attention: bool = False):
+        """(I, 3, S, S) pixels -> (I, N, C) features in the LLM's embedding space, and with
+        `cls_attention` the CLS query's attention (I, N) on each feature's patch, in the layer
+        whose output is used (the last of `vision_feature_layer`)."""
+        last = self.cfg.feature_layers[-1]
+        if cls_attention and last == 0:
+            raise ValueError("vision_feature_layer 0 (the embeddings) has no attention to rank "
+                             "image tokens by; Skip-Vision needs a layer >= 1")
+        states, attn = self.vision_tower.hidden_states(pixel_values, self.cfg.feature_layers,
+                                                       last if cls_attention else 0)
+        if attn is not None and self.cfg.vision_feature_select_strategy == "default":
+            attn = attn[:, 1:]  # the features of the patches, not CLS
+        return self.project(states), attn
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, C); image placeholders (any id, even -200) embed as id 0."""
         ids = input_ids.masked_fill(input_ids == self.cfg.image_token_id, 0)
         return self.language_model.model.embed_tokens(ids)
 
-    def splice(self, input_ids, embeds, features) -> torch.Tensor:
-        is_image = input_ids == self.cfg.image_token_id
-        n_tokens, n_feats = int(is_image.sum()), features.shape[0] * features.shape[1]
-        if n_tokens != n_feats:
+    def image_tokens(self, input_ids, attention_mask, n_images: int) -> ImageTokens:
+        """Where the images' tokens are: one contiguous block of N tokens per image."""
+        n = self.cfg.image_seq_length
+        is_image = (input_ids == self.cfg.image_token_id) & attention_mask
+        found = int(is_image.sum())
+        if found != n_images * n:
             raise ValueError(
-                f"the prompt holds {n_tokens} image tokens (id {self.cfg.image_token_id}) but the "
-                f"{features.shape[0]} image(s) give {n_feats} features ({features.shape[1]} each); "
-                "expand each <image> to that many tokens (the processor does this)")
-        out = embeds.clone()
-        out[is_image] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
-        return out
+                f"the prompt holds {found} image tokens (id {self.cfg.image_token_id}) but "
+                f"{n_images} image(s) of {n} tokens each were given; expand each <image> to "
+                f"{n} tokens (the processor does this)")
+        row, col = is_image.nonzero(as_tuple=True)  # row-major: images in prompt order
+        rows, cols = row.view(-1, n), col.view(-1, n)  # (I, N) each
+        if bool(((rows != rows[:, :1]).any(1) | (cols[:, -1] - cols[:, 0] != n - 1)).any()):
+            raise ValueError(f"each image's {n} tokens must be contiguous in one prompt")
+        return ImageTokens(rows[:, 0], cols, None)
 
     def prepare(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                 skip=None) -> LMInput:
@@ -85,17 +102,23 @@ class Llava(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        if skip is not None:  # skip-vision hook: split, merge, summary, layout
-            return skipvision.prepare(self, input_ids, pixel_values, attention_mask, skip,
-                                      position_ids)
+        if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+            raise ValueError("the batch is padded on the right; pad on the left (generation "
+                             "continues at the right edge; the processor does this)")
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        images = self.image_tokens(input_ids, attention_mask, n_images)
         embeds = self.embed_text(input_ids)
-        if pixel_values is not None:
-            embeds = self.splice(input_ids, embeds, self.image_features(pixel_values))
-        elif bool((input_ids == self.cfg.image_token_id).any()):
-            raise ValueError("the prompt holds image tokens but no pixel_values were given")
-        pos = positions_from_mask(attention_mask) if position_ids is None else position_ids
-        horizon = torch.where(attention_mask, FOREVER, NEVER)
-        return LMInput(embeds, pos, horizon, attention_mask)
+        if n_images:
+            feats, images.cls_attention = self.image_features(pixel_values, skip is not None)
+            embeds = embeds.index_put((images.row[:, None], images.cols),
+                                      feats.to(embeds.dtype))  # (B, T, C)
+        pos, horizon = slots(attention_mask)
+        pos = pos if position_ids is None else position_ids
+        inp = LMInput(embeds, pos, horizon, attention_mask)
+        if skip is not None:  # skip-vision hook: retained, merged and summary tokens
+            inp = skip_vision.arrange(inp, images, skip, self.summary_scorer,
+                                      self.cfg.text.num_hidden_layers, position_ids)
+        return inp
 
     def run(self, inp: LMInput, cache=None) -> torch.Tensor:
         """Language model on a prepared input -> final hidden states (B, T, C)."""

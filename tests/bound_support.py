@@ -14,7 +14,7 @@ from hypothesis import Phase, settings, target
 from hypothesis import strategies as st
 
 from skipvision.config import RopeConfig, TextConfig
-from skipvision.kv_cache import FOREVER, NEVER
+from skipvision.kv_cache import slots
 from skipvision.llama import LlamaForCausalLM, attention_mask, rope_cos_sin
 
 RTOL, ATOL = 1e-9, 1e-12
@@ -132,8 +132,7 @@ def positions(g, B, T, n_decode=0, evict_p=0.0, pad=True):
     """Left padding, positions, horizons; with n_decode > 0 also the Skip-KV horizons."""
     pads = torch.randint(0, max(T - n_decode, 1), (B,), generator=g) if pad else torch.zeros(B)
     valid = torch.arange(T)[None] >= pads[:, None]
-    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    horizon = torch.where(valid, FOREVER, NEVER)
+    pos, horizon = slots(valid)
     if not n_decode:
         return pos, horizon, horizon, None
     P = T - n_decode
@@ -202,13 +201,8 @@ TABLES: list[str] = []  # printed in the summary
 
 
 def check_bound_example():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "examples" / "check_bound.py"
-    spec = importlib.util.spec_from_file_location("check_bound", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from helpers import example_module
+    return example_module("check_bound")
 
 
 

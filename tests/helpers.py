@@ -1,13 +1,21 @@
 """Shared test helpers: tiny transformers LLaVA models, weight randomisation, comparisons."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
 
 from skipvision import Llava, from_hf
 from skipvision.io.keys import is_ignored, map_key
+from skipvision.kv_cache import left_pad, slots
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "checkpoints" / "tiny-llava"  # the shipped Skip-FFN model
+PLAIN = ROOT / "checkpoints" / "tiny-llava-plain"
 
 
 def randomize_(model: torch.nn.Module, seed: int, scale: float = 1.0) -> torch.nn.Module:
@@ -97,32 +105,41 @@ def ours_from_hf(hf) -> Llava:
     return model.to(dtype)
 
 
-def llava_inputs(cfg, seed: int, lengths, n_images_per_row=1, dtype=torch.float64):
-    """Left-padded prompts (B, T) with `n_images_per_row` expanded images at random places.
+def llava_inputs(cfg, seed: int, lengths, images=1, dtype=torch.float64):
+    """Left-padded prompts: row b has lengths[b] text tokens and `images` (an int, or one per
+    row) expanded images at random places.
 
-    Returns input_ids, attention_mask (long), position_ids, pixel_values (I, 3, S, S).
+    Returns input_ids, attention_mask (long), position_ids, pixel_values (I, 3, S, S) or None.
     """
     g = torch.Generator().manual_seed(seed)
-    n_img = cfg.image_seq_length
-    rows = []
-    for L in lengths:
+    per_row = [images] * len(lengths) if isinstance(images, int) else list(images)
+    n_img, rows = cfg.image_seq_length, []
+    for L, k in zip(lengths, per_row):
         text = torch.randint(0, cfg.text.vocab_size - 1, (L,), generator=g)
         text[text == cfg.image_token_id] = 0
-        pieces, cut = [], sorted(torch.randint(0, L + 1, (n_images_per_row,), generator=g).tolist())
+        pieces, cut = [], sorted(torch.randint(0, L + 1, (k,), generator=g).tolist())
         prev = 0
         for c in cut:
             pieces += [text[prev:c], torch.full((n_img,), cfg.image_token_id)]
             prev = c
         rows.append(torch.cat(pieces + [text[prev:]]))
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask = left_pad(rows, 0)
+    pos, _ = slots(mask)
     S = cfg.vision.image_size
-    px = torch.randn(len(rows) * n_images_per_row, 3, S, S, generator=g, dtype=torch.float64)
-    return ids, mask, pos, px.to(dtype)
+    px = torch.randn(sum(per_row), 3, S, S, generator=g, dtype=torch.float64)
+    return ids, mask.long(), pos, px.to(dtype) if sum(per_row) else None
+
+
+def example_module(name: str = "generate"):
+    """A script of examples/ imported as a module (its main() runs in-process); examples/ goes
+    on sys.path, as it is for a script, for the helper modules beside it."""
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.append(str(ROOT / "examples"))
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = ""):

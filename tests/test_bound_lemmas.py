@@ -18,6 +18,7 @@ import torch
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
+from reference.bound import evicted_attention
 from skipvision.analysis import bound
 from skipvision.analysis import bound_lemmas as lem
 from skipvision.llama import LlamaForCausalLM
@@ -48,19 +49,6 @@ def lemma1(c, weaken=None):
         b = lem.rmsnorm_perturbation(xn, delta, c["eps"], c["C"])
     b = gain.abs().max() * b
     return measured, b / 2 if weaken == "halved" else b, size
-
-
-@settings(max_examples=200)
-@given(c=lemma1_cases)
-@pytest.mark.bound
-def test_lemma1_rmsnorm(c):
-    record("Lemma 1 (RMSNorm)", *lemma1(c))
-
-
-@pytest.mark.bound
-@pytest.mark.parametrize("weaken", ["halved", "no ball"])
-def test_lemma1_weakened_is_violated(weaken):
-    find(lemma1_cases, lambda c: violated(f"Lemma 1 {weaken}", *lemma1(c, weaken)), settings=FIND)
 
 
 def test_rmsnorm_matches_model():
@@ -98,22 +86,6 @@ def lemma2(c, weaken=None):
     return measured, b / 2 if weaken == "halved" else b, size
 
 
-@settings(max_examples=200)
-@given(c=ffn_cases)
-@pytest.mark.bound
-def test_lemma2_ffn(c):
-    with torch.no_grad():
-        record("Lemma 2 (FFN sub-block)", *lemma2(c))
-
-
-@pytest.mark.bound
-@pytest.mark.parametrize("weaken", ["halved", "first order only"])
-def test_lemma2_weakened_is_violated(weaken):
-    with torch.no_grad():
-        find(ffn_cases, lambda c: violated(f"Lemma 2 {weaken}", *lemma2(c, weaken)),
-             settings=FIND)
-
-
 @pytest.mark.parametrize("name", sorted(lem.ACT_LIPSCHITZ))
 def test_activation_lipschitz_constants(name):
     """sup |act'| <= ACT_LIPSCHITZ on a grid of step 1e-4 over [-30, 30] (|act''| <= 1 moves
@@ -147,21 +119,6 @@ def lemma3(c, weaken=None):
     return measured, bounds / 2 if weaken == "halved" else bounds, 2.0
 
 
-@settings(max_examples=200)
-@given(c=softmax_cases)
-@pytest.mark.bound
-def test_lemma3_softmax(c):
-    m, b, size = lemma3(c)
-    record("Lemma 3a (softmax, spread)", m[:1], b[:1], size)
-    record("Lemma 3b (softmax, intervals)", m[1:c["n"] + 1], b[1:c["n"] + 1], size)
-    record("Lemma 3b (softmax, upper ends)", m[c["n"] + 1:], b[c["n"] + 1:], size)
-
-
-@pytest.mark.bound
-def test_lemma3_weakened_is_violated():
-    find(softmax_cases, lambda c: violated("Lemma 3 halved", *lemma3(c, "halved")), settings=FIND)
-
-
 # ---------------------------------------------------------------- Lemma 4: eviction, one head
 evict_cases = st.fixed_dictionaries(dict(
     n=st.integers(2, 8), D=st.integers(1, 6), scale=st.sampled_from([0.1, 1.0, 10.0]),
@@ -173,25 +130,13 @@ def lemma4(c, weaken=None):
     scores, v = vectors(g, (c["n"],), c["scale"]), vectors(g, (c["n"], c["D"]), 1.0)
     evicted = torch.rand(c["n"], generator=g) < c["p"]
     evicted[torch.randint(c["n"], (1,), generator=g)] = False  # one key stays
-    o_full, o_ev, alpha, v_bar = lem.evicted_attention(scores, v, evicted)
+    o_full, o_ev, alpha, v_bar = evicted_attention(scores, v, evicted)
     identity = alpha * (v_bar - o_ev)
     assert torch.allclose(o_full - o_ev, identity, rtol=1e-12, atol=1e-14 * (1 + v.abs().max()))
     reach = (v[evicted] - o_ev).norm(dim=-1).max() if evicted.any() else torch.tensor(0.0, **f64)
     b = alpha * reach
     size = o_full.norm() + o_ev.norm()
     return (o_full - o_ev).norm(), b / 2 if weaken == "halved" else b, size
-
-
-@settings(max_examples=200)
-@given(c=evict_cases)
-@pytest.mark.bound
-def test_lemma4_eviction_identity(c):
-    record("Lemma 4 (Skip-KV, one head)", *lemma4(c))
-
-
-@pytest.mark.bound
-def test_lemma4_weakened_is_violated():
-    find(evict_cases, lambda c: violated("Lemma 4 halved", *lemma4(c, "halved")), settings=FIND)
 
 
 # ---------------------------------------------------------------- Lemma 5: attention sub-block
@@ -210,22 +155,6 @@ def lemma5(c, weaken=None):
     return measured, b / 2 if weaken == "halved" else b, size
 
 
-@settings(max_examples=200)
-@given(c=layer_cases)
-@pytest.mark.bound
-def test_lemma5_attention(c):
-    with torch.no_grad():
-        record("Lemma 5 (attention sub-block)", *lemma5(c))
-
-
-@pytest.mark.bound
-@pytest.mark.parametrize("weaken", ["halved", "no softmax path"])
-def test_lemma5_weakened_is_violated(weaken):
-    with torch.no_grad():
-        find(layer_cases, lambda c: violated(f"Lemma 5 {weaken}", *lemma5(c, weaken)),
-             settings=FIND)
-
-
 # ---------------------------------------------------------------- Lemma 6: one decoder layer
 def lemma6(c, weaken=None):
     cfg, layer, g, x, x2, (cos, sin), (m_ref, m_new) = layer_input(c)
@@ -242,22 +171,6 @@ def lemma6(c, weaken=None):
         s.ffn.dropped = torch.zeros_like(s.ffn.dropped)
     b = lem.layer_step((x2 - x).norm(dim=-1), w, s, s_ref, s_new)[0]
     return measured, b / 2 if weaken == "halved" else b, size
-
-
-@settings(max_examples=200)
-@given(c=layer_cases)
-@pytest.mark.bound
-def test_lemma6_decoder_layer(c):
-    with torch.no_grad():
-        record("Lemma 6 (decoder layer)", *lemma6(c))
-
-
-@pytest.mark.bound
-@pytest.mark.parametrize("weaken", ["halved", "no dropped FFN output"])
-def test_lemma6_weakened_is_violated(weaken):
-    with torch.no_grad():
-        find(layer_cases, lambda c: violated(f"Lemma 6 {weaken}", *lemma6(c, weaken)),
-             settings=FIND)
 
 
 # ---------------------------------------------------------------- Lemma 7: final norm and head
@@ -283,19 +196,47 @@ def lemma7(c, weaken=None):
     return measured, b / 2 if weaken == "halved" else b, size
 
 
+# ---------------------------------------------------------------- every lemma, as a table
+LEMMAS = {  # name: (drawn cases, measured and bound of one case, weakened variants)
+    "Lemma 1 (RMSNorm)": (lemma1_cases, lemma1, ["halved", "no ball"]),
+    "Lemma 2 (FFN sub-block)": (ffn_cases, lemma2, ["halved", "first order only"]),
+    "Lemma 3 (softmax)": (softmax_cases, lemma3, ["halved"]),
+    "Lemma 4 (Skip-KV, one head)": (evict_cases, lemma4, ["halved"]),
+    "Lemma 5 (attention sub-block)": (layer_cases, lemma5, ["halved", "no softmax path"]),
+    "Lemma 6 (decoder layer)": (layer_cases, lemma6, ["halved", "no dropped FFN output"]),
+    "Lemma 7 (final norm, head)": (head_cases, lemma7, ["halved"]),
+}
+
+
+def summary_rows(name, c, measured, bound_, size):
+    """The summary rows of one case; Lemma 3 reports (a) and (b)'s two parts apart."""
+    if not name.startswith("Lemma 3"):
+        return {name: (measured, bound_, size)}
+    n = c["n"]
+    return {"Lemma 3a (softmax, spread)": (measured[:1], bound_[:1], size),
+            "Lemma 3b (softmax, intervals)": (measured[1:n + 1], bound_[1:n + 1], size),
+            "Lemma 3b (softmax, upper ends)": (measured[n + 1:], bound_[n + 1:], size)}
+
+
+@pytest.mark.bound
+@pytest.mark.parametrize("name", LEMMAS)
 @settings(max_examples=200)
-@given(c=head_cases)
-@pytest.mark.bound
-def test_lemma7_final_norm_and_head(c):
+@given(data=st.data())
+def test_lemma_holds(name, data):
+    cases, lemma, _ = LEMMAS[name]
+    c = data.draw(cases, label="case")
     with torch.no_grad():
-        record("Lemma 7 (final norm, head)", *lemma7(c))
+        for row, args in summary_rows(name, c, *lemma(c)).items():
+            record(row, *args)
 
 
 @pytest.mark.bound
-def test_lemma7_weakened_is_violated():
+@pytest.mark.parametrize("name, weaken", [(n, w) for n, (_, _, ws) in LEMMAS.items() for w in ws])
+def test_weakened_lemma_is_violated(name, weaken):
+    """The same check fails once a constant is halved or a term dropped: it can fail."""
+    cases, lemma, _ = LEMMAS[name]
     with torch.no_grad():
-        find(head_cases, lambda c: violated("Lemma 7 halved", *lemma7(c, "halved")),
-             settings=FIND)
+        find(cases, lambda c: violated(f"{name} {weaken}", *lemma(c, weaken)), settings=FIND)
 
 
 @settings(max_examples=15)

@@ -12,10 +12,11 @@ from hypothesis import given, settings, strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from helpers import randomize_
-from skipvision import KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, flops
+from helpers import llava_inputs
+from skipvision import KVCache, LlavaConfig, TextConfig, VisionConfig, flops
 from skipvision.generate import decode_step, prefill
-from skipvision.skip import PRESETS, SkipConfig
+from skipvision.skip import PRESETS
+from strategies import models, skips
 
 aten = torch.ops.aten
 CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu:  # torch's formula, GPU kernels
@@ -33,66 +34,8 @@ def counted(fn, backend: str):
     return c.get_total_flops(), out
 
 
-@st.composite
-def models(draw):
-    heads = draw(st.integers(1, 4), label="heads")
-    kv = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]), label="kv")
-    patch, grid = draw(st.integers(2, 4)), draw(st.integers(1, 4), label="grid")
-    v_layers = draw(st.integers(1, 3))
-    cfg = LlavaConfig(
-        vision=VisionConfig(hidden_size=8, intermediate_size=draw(st.sampled_from([12, 16])),
-                            num_hidden_layers=v_layers, image_size=patch * grid,
-                            num_attention_heads=draw(st.sampled_from([1, 2])), patch_size=patch),
-        text=TextConfig(vocab_size=48, hidden_size=4 * heads,
-                        intermediate_size=draw(st.sampled_from([12, 20])),
-                        num_hidden_layers=draw(st.integers(1, 3), label="layers"),
-                        num_attention_heads=heads, num_key_value_heads=kv,
-                        head_dim=draw(st.sampled_from([2, 4, 6]), label="head_dim"),
-                        attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
-                        tie_word_embeddings=draw(st.booleans())),
-        image_token_id=47, vision_feature_layer=draw(st.integers(1, v_layers), label="layer"),
-        vision_feature_select_strategy=draw(st.sampled_from(["default", "full"])),
-        summary=draw(st.booleans()))
-    seed = draw(st.integers(0, 2**16), label="seed")
-    return randomize_(Llava(cfg), seed).eval(), seed
-
-
-@st.composite
-def skips(draw, cfg):
-    n, layers = cfg.image_seq_length, cfg.text.num_hidden_layers
-    summary = draw(st.booleans(), label="summary") and n >= 2
-    n_r = draw(st.integers(int(summary), n - int(summary)), label="retained")
-    n_s = draw(st.integers(int(summary), n - n_r), label="skipped")
-    which = draw(st.none() | st.lists(st.integers(0, layers - 1), min_size=1, unique=True))
-    return SkipConfig(retained=n_r, skipped=n_s, summary=summary, layers=which,
-                      mask=draw(st.sampled_from(["causal", "consistent"])),
-                      kv=draw(st.sampled_from(["evict", "keep"])))
-
-
-def prompts(cfg, seed, text, images):
-    """Left-padded prompts with `images[b]` expanded images at random places in row b."""
-    g = torch.Generator().manual_seed(seed)
-    n, rows = cfg.image_seq_length, []
-    for t, i in zip(text, images):
-        words = torch.randint(0, cfg.image_token_id, (t,), generator=g)
-        cuts = sorted(torch.randint(0, t + 1, (i,), generator=g).tolist())
-        pieces, prev = [], 0
-        for c in cuts:
-            pieces += [words[prev:c], torch.full((n,), cfg.image_token_id)]
-            prev = c
-        rows.append(torch.cat(pieces + [words[prev:]]))
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
-    S = cfg.vision.image_size
-    px = torch.randn(sum(images), 3, S, S, generator=g) if sum(images) else None
-    return ids, mask, px
-
-
 @settings(max_examples=25)
-@given(m=models(), data=st.data(), backend=st.sampled_from(["math", "cpu-kernel"]),
+@given(m=models(dtype=torch.float32), data=st.data(), backend=st.sampled_from(["math", "cpu-kernel"]),
        rows=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 2)), min_size=1, max_size=3))
 def test_generation_flops_equal_flop_counter(m, data, backend, rows):
     """Vision side, prefill, every decode step and the KV bytes, plain and Skip-Vision."""
@@ -100,21 +43,19 @@ def test_generation_flops_equal_flop_counter(m, data, backend, rows):
     cfg = model.cfg
     skip = data.draw(st.none() | skips(cfg), label="skip")
     text, images = [t for t, _ in rows], [i for _, i in rows]
-    ids, mask, px = prompts(cfg, seed, text, images)
+    ids, mask, _, px = llava_inputs(cfg, seed, text, images, torch.float32)
     with torch.no_grad():
         got, inp = counted(lambda: model.prepare(ids, px, mask, skip=skip), backend)
         assert got == flops.vision(cfg, sum(images), skip)["total"] * (sum(images) > 0)
-        g = flops.geometry_of(inp, cfg, skip)
+        g = flops.geometry_of(inp, cfg)
         assert g == flops.geometry(cfg, text, images, skip)
-        if inp.layout is not None:
-            assert flops.geometry_of(inp.layout, cfg, skip) == g
         cache = KVCache(cfg.text.num_hidden_layers)
         got, logits = counted(lambda: prefill(model, inp, cache), backend)
         assert got == flops.prefill(cfg, g)["total"]
         assert cache.nbytes() == flops.kv_bytes(cfg, g.batch, g.cache_slots(), torch.float32)
         evict = skip is not None and skip.kv == "evict"
         if evict:
-            cache.keep(~inp.layout.skipped)
+            cache.keep(~inp.layout.is_skipped)
         assert cache.nbytes() == flops.kv_bytes(cfg, g.batch, g.cache_slots(evict))
         pos = inp.pos.max(1).values + 1
         for step in range(3):
@@ -125,7 +66,7 @@ def test_generation_flops_equal_flop_counter(m, data, backend, rows):
 
 
 @settings(max_examples=15)
-@given(m=models(), data=st.data(),
+@given(m=models(dtype=torch.float32), data=st.data(),
        rows=st.lists(st.tuples(st.integers(1, 5), st.integers(0, 2)), min_size=1, max_size=2))
 def test_forward_and_training_flops_equal_flop_counter(m, data, rows):
     """Llava.forward (all logits) = vision + prefill(logits="all"); a training step's
@@ -134,7 +75,7 @@ def test_forward_and_training_flops_equal_flop_counter(m, data, rows):
     cfg = model.cfg
     skip = data.draw(st.none() | skips(cfg), label="skip")
     text, images = [t for t, _ in rows], [i for _, i in rows]
-    ids, mask, px = prompts(cfg, seed, text, images)
+    ids, mask, _, px = llava_inputs(cfg, seed, text, images, torch.float32)
     g = flops.geometry(cfg, text, images, skip)
     with torch.no_grad():
         got, _ = counted(lambda: model(ids, px, mask, skip=skip), "math")
@@ -159,7 +100,7 @@ def test_flop_counter_counts_no_attention_on_the_cpu_kernel():
     assert c.get_total_flops() == 0 and got == 4 * 2 * 3 * 5 * 4
 
 
-@given(m=models())
+@given(m=models(dtype=torch.float32))
 def test_weights_read_are_the_lm_parameters(m):
     model, _ = m
     lm = model.language_model
@@ -213,11 +154,9 @@ def test_causal_fast_path_equals_the_explicit_mask(m, rows, data):
     (llama.is_plain_causal); same outputs in float64, and the rule picks it exactly then."""
     from skipvision import llama
     model, seed = m
-    model = model.double()
     skip = data.draw(st.none() | skips(model.cfg), label="skip")
     text, images = [t for t, _ in rows], [i for _, i in rows]
-    ids, mask, px = prompts(model.cfg, seed, text, images)
-    px = None if px is None else px.double()
+    ids, mask, _, px = llava_inputs(model.cfg, seed, text, images)
     with torch.no_grad():
         inp = model.prepare(ids, px, mask, skip=skip)
         fast = model.run(inp)

@@ -7,7 +7,7 @@ from helpers import assert_close, llava_inputs
 from reference import dense
 from skipvision import KVCache, generate, sample
 from skipvision.generate import decode_step, prefill
-from test_skip import lengths, models, skips
+from strategies import lengths, models, skips
 
 
 @settings()
@@ -58,9 +58,9 @@ def test_eviction_equals_full_cache_with_skipped_keys_hidden(m, data, lens):
         first = prefill(model, inp, evicted)
         masked = KVCache(model.cfg.text.num_hidden_layers)
         assert torch.equal(prefill(model, inp, masked), first)
-        evicted.keep(~inp.layout.skipped)
+        evicted.keep(~inp.layout.is_skipped)
         last = inp.pos.max(1).values
-        masked.horizon = torch.where(inp.layout.skipped, last[:, None], masked.horizon)
+        masked.horizon = torch.where(inp.layout.is_skipped, last[:, None], masked.horizon)
         pos = last + 1
         for _ in range(4):
             tok = torch.randint(0, model.cfg.text.vocab_size - 1, (ids.shape[0],), generator=g)
@@ -84,7 +84,7 @@ def test_consistent_mask_makes_eviction_lossless(m, data, lens):
         caches = [KVCache(model.cfg.text.num_hidden_layers) for _ in range(2)]
         inp = model.prepare(ids, px, mask, skip=skip)
         prefill(model, inp, caches[0]), prefill(model, inp, caches[1])
-        caches[0].keep(~inp.layout.skipped)
+        caches[0].keep(~inp.layout.is_skipped)
         pos = inp.pos.max(1).values + 1
         for _ in range(4):
             tok = torch.randint(0, model.cfg.text.vocab_size - 1, (ids.shape[0],), generator=g)
@@ -100,13 +100,13 @@ def test_cache_shrinks_by_the_skipped_share(m, data, n, lens):
     """Equal-length rows: every layer keeps exactly n - N_s * images of its n slots."""
     model, seed = m
     skip = data.draw(skips(model.cfg, kv="evict"))
-    ids, mask, _, px = llava_inputs(model.cfg, seed, [lens] * n, n_images_per_row=1)
+    ids, mask, _, px = llava_inputs(model.cfg, seed, [lens] * n, images=1)
     with torch.no_grad():
         inp = model.prepare(ids, px, mask, skip=skip)
         cache = KVCache(model.cfg.text.num_hidden_layers)
         prefill(model, inp, cache)
         before = [(k.numel() * k.element_size(), k.shape[2]) for k in cache.k]
-        cache.keep(~inp.layout.skipped)
+        cache.keep(~inp.layout.is_skipped)
     S = inp.embeds.shape[1]
     for (nbytes, slots), k, v in zip(before, cache.k, cache.v):
         assert slots == S and k.shape[2] == S - skip.skipped
@@ -165,7 +165,7 @@ def test_low_precision_runs_and_stays_near_float64(dtype, tol):
                                           num_attention_heads=2, image_size=12, patch_size=3),
                       text=TextConfig(vocab_size=40, hidden_size=32, intermediate_size=48,
                                       num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2), image_token_id=39, summary=True)
+                                      num_key_value_heads=2), image_token_id=39, summary_scorer=True)
     ref = randomize_(Llava(cfg), 5).double().eval()
     low = randomize_(Llava(cfg), 5).to(dtype).eval()
     ids, mask, _, px = llava_inputs(cfg, 5, [3, 6])
@@ -175,7 +175,7 @@ def test_low_precision_runs_and_stays_near_float64(dtype, tol):
             got = low(ids, px.to(dtype), mask, skip=skip)
         assert got.dtype == dtype and torch.isfinite(got).all()
         a, b = ref.prepare(ids, px, mask, skip=skip), low.prepare(ids, px.to(dtype), mask, skip=skip)
-        if skip is not None and not torch.equal(a.layout.feature_dest, b.layout.feature_dest):
+        if skip is not None and not torch.equal(a.layout.dest, b.layout.dest):
             continue  # rounding changed a discrete choice (selection or merge): not comparable
         valid = a.attention_mask
         err = (got.double() - want)[valid].abs().max() / want[valid].abs().max()

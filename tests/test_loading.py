@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import assert_close, build_hf, hf_specs, llava_inputs, ours_from_hf, randomize_
+from helpers import (assert_close, build_hf, example_module, hf_specs, llava_inputs,
+                     ours_from_hf, randomize_)
 from skipvision import Llava, LlavaConfig, Processor, TextConfig, VisionConfig
 from skipvision.io.hub import CheckpointError
 from skipvision.io.keys import LLAVA_PREFIXES, map_key
@@ -140,7 +141,7 @@ def test_save_pretrained_is_read_back_by_us_and_by_transformers(spec, seed, summ
     from transformers import LlavaForConditionalGeneration
     hf = build_hf(spec, seed)
     plain = ours_from_hf(hf)
-    model = Llava(plain.cfg.replace(summary=summary)).to(torch.float64)
+    model = Llava(plain.cfg.replace(summary_scorer=summary)).to(torch.float64)
     scorer = {k: v for k, v in randomize_(model, seed).state_dict().items()
               if k.startswith("summary_scorer.")}
     model.load_state_dict(plain.state_dict() | scorer, strict=True)
@@ -206,21 +207,11 @@ def test_every_llava_hf_name_maps_to_itself_and_compact_lists_every_key():
                                                   num_hidden_layers=2, image_size=4, patch_size=2),
                               text=TextConfig(vocab_size=10, hidden_size=8, num_attention_heads=2,
                                               num_hidden_layers=3, intermediate_size=4),
-                              summary=True))
+                              summary_scorer=True))
     names = list(model.state_dict())
     assert all(map_key(k, LLAVA_PREFIXES) == k for k in names)
     keys = ["a.layers.0.w", "a.layers.1.w", "a.layers.2.w", "a.layers.5.w", "b", "a.layers.3.x"]
     assert compact(keys) == ["a.layers.{0-2,5}.w", "b", "a.layers.3.x"]
-
-
-def _example_module(name: str = "generate"):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 FLAGS = ["--model", "--revision", "--image", "--prompt", "--template", "--max-new-tokens",
@@ -242,14 +233,14 @@ def test_generate_example_runs_on_a_local_checkpoint(tmp_path, capsys):
                                       num_attention_heads=4, num_key_value_heads=2,
                                       num_hidden_layers=2, intermediate_size=64,
                                       max_position_embeddings=256),
-                      image_token_id=tok.token_to_id("<image>"), summary=True)
+                      image_token_id=tok.token_to_id("<image>"), summary_scorer=True)
     processor = Processor(cfg, tok, ImageProcessor(size=16, crop=(16, 16)))
     model = randomize_(Llava(cfg), 0)
     save_pretrained(model, tmp_path / "ckpt", processor)
     image = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
                     ).save(image)
-    example = _example_module()
+    example = example_module()
     example.main(["--model", str(tmp_path / "ckpt"), "--image", str(image), "--prompt",
                   "What is it?", "--max-new-tokens", "6", "--report", "json"])
     report = json.loads(capsys.readouterr().out)
@@ -282,7 +273,7 @@ def test_generate_example_runs_on_a_local_checkpoint(tmp_path, capsys):
 def test_loading_300_mb_peaks_within_1_3x_its_file_size():
     """Fresh processes, VmHWM: load_pretrained stays near 1x; the naive loader (allocate,
     load_file, copy) needs about 2x, which shows the measurement can see a second copy."""
-    report = _example_module("bench_load_memory").main(["--mb", "300", "--naive"])
+    report = example_module("bench_load_memory").main(["--mb", "300", "--naive"])
     assert report["file_bytes"] > 250e6
     assert report["load_pretrained"]["ratio"] <= 1.3, report
     assert report["naive"]["ratio"] > 1.3, report

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
+from helpers import example_module
 from skipvision.io.loading import load_pretrained
-from test_loading import _example_module
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    return _example_module("make_shipped_model")
+    return example_module("make_shipped_model")
 
 
 def test_the_recipe_writes_both_checkpoints_the_report_and_the_table(tmp_path, recipe):

@@ -4,12 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from helpers import PLAIN, SHIPPED
 from skipvision.training.data import load_conversations
 from skipvision.skip import SkipConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "checkpoints" / "tiny-llava"
-PLAIN = ROOT / "checkpoints" / "tiny-llava-plain"
 
 
 def held_out_sample(tmp_path, n: int, report: dict) -> Path:

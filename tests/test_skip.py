@@ -1,52 +1,13 @@
 """Skip-Vision's fast paths against the dense oracle in reference/dense.py (float64)."""
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import assert_close, llava_inputs, randomize_
 from reference import dense
-from skipvision import Llava, LlavaConfig, TextConfig, VisionConfig
-from skipvision.skip import SkipConfig, merge, skip_ffn, split_images, summary_pool
-
-
-@st.composite
-def models(draw, summary=None):
-    heads = draw(st.integers(1, 3), label="heads")
-    kv = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]), label="kv")
-    patch, grid = draw(st.integers(2, 4)), draw(st.integers(2, 5), label="grid")
-    v_layers = draw(st.integers(1, 3))
-    cfg = LlavaConfig(
-        vision=VisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=v_layers,
-                            num_attention_heads=draw(st.sampled_from([1, 2])),
-                            image_size=patch * grid, patch_size=patch),
-        text=TextConfig(vocab_size=48, hidden_size=4 * heads, intermediate_size=20,
-                        num_hidden_layers=draw(st.integers(1, 3), label="layers"),
-                        num_attention_heads=heads, num_key_value_heads=kv,
-                        rms_norm_eps=1e-5),
-        image_token_id=47, vision_feature_layer=draw(st.integers(1, v_layers), label="layer"),
-        vision_feature_select_strategy=draw(st.sampled_from(["default", "full"])),
-        summary=draw(st.booleans()) if summary is None else summary)
-    seed = draw(st.integers(0, 2**16), label="seed")
-    return randomize_(Llava(cfg), seed).double().eval(), seed
-
-
-@st.composite
-def skips(draw, cfg, **fixed):
-    n, layers = cfg.image_seq_length, cfg.text.num_hidden_layers
-    summary = fixed.get("summary", draw(st.booleans(), label="summary"))
-    lo = 1 if summary else 0
-    n_r = draw(st.integers(lo, n - lo), label="retained")
-    n_s = draw(st.integers(max(lo, int(n_r == 0)), n - n_r), label="skipped")  # >= 1 token kept
-    which = draw(st.none() | st.lists(st.integers(0, layers - 1), min_size=1, unique=True))
-    kw = dict(retained=n_r, skipped=n_s, summary=summary, layers=which,
-              mask=draw(st.sampled_from(["causal", "consistent"])),
-              kv=draw(st.sampled_from(["evict", "keep"])),
-              merge_order=draw(st.sampled_from(["redundancy", "spatial"])))
-    kw.update(fixed)
-    return SkipConfig(**kw)
-
-
-lengths = st.lists(st.integers(0, 5), min_size=1, max_size=3)
+from skipvision import SkipConfig, TextConfig
+from skipvision.skip import by_cls_attention, complement, merge, summary_pool
+from strategies import lengths, models, skips
 
 
 @settings()
@@ -91,15 +52,20 @@ def test_selection_merge_and_summary_equal_oracle(m, data, n_img):
     S = model.cfg.vision.image_size
     px = torch.randn(n_img, 3, S, S, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        ret, mrg, keep, rest, _, _ = split_images(model, px, skip)
+        got_feats, cls = model.image_features(px, cls_attention=True)
+        keep = by_cls_attention(cls, skip.retained)
+        rest = complement(keep, cls.shape[1])
+        take = lambda idx: got_feats.gather(1, idx[..., None].expand(-1, -1, got_feats.shape[-1]))
+        mrg, _, _ = merge(take(rest), skip.skipped, skip.merge_order)
         feats, maps = dense.image_features(model, px)
     assert keep.tolist() == dense.select(maps, model.cfg, skip.retained)
+    assert_close(got_feats, feats, 1e-12, "image features")
     for i in range(n_img):
+        assert sorted(keep[i].tolist() + rest[i].tolist()) == list(range(cls.shape[1]))
         want, dst = dense.merge(feats[i, rest[i]], skip.skipped, skip.merge_order)
         assert_close(mrg[i], want, 1e-12, f"merge image {i}")
-        assert_close(ret[i], feats[i, keep[i]], 1e-12, "retained")
         if skip.summary:
-            for x in (ret[i], mrg[i]):
+            for x in (take(keep)[i], mrg[i]):
                 got = summary_pool(x[None], model.summary_scorer)[0]
                 assert_close(got, dense.pool(x, model.summary_scorer), 1e-12, "summary")
 
@@ -111,34 +77,47 @@ def test_merge_properties(seed, M, data):
     n_out = data.draw(st.integers(1, M))
     x = torch.randn(2, M, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     out, dst, slot = merge(x, n_out, data.draw(st.sampled_from(["redundancy", "spatial"])))
-    assert sorted(slot[0].tolist()) == sorted(slot[0].tolist()) and slot.min() >= 0
+    assert out.shape == (2, n_out, 5) and dst.shape == (2, n_out) and slot.shape == (2, M)
+    assert slot.min() >= 0 and slot.max() < n_out  # every candidate joins exactly one output
     for i in range(2):
+        assert len(set(dst[i].tolist())) == n_out  # distinct destinations ...
+        assert slot[i, dst[i]].tolist() == list(range(n_out))  # ... each in its own output
         for s in range(n_out):
             members = (slot[i] == s).nonzero().squeeze(1)
-            assert int(dst[i, s]) in members.tolist()
             assert_close(out[i, s], x[i, members].mean(0), 1e-12, "group mean")
 
 
 @settings()
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 9), data=st.data())
-def test_skip_ffn_equals_masked_oracle(seed, B, T, data):
-    from skipvision.llama import MLP, RMSNorm
-    cfg = TextConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2)
+def test_skip_ffn_rows_equal_masked_oracle(seed, B, T, data):
+    """A decoder layer given `ffn_rows` (gather/scatter) equals the full layer with the FFN
+    output zeroed on the other rows, forward and backward."""
+    from skipvision.llama import DecoderLayer, rope_cos_sin
+    cfg = TextConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2,
+                     num_key_value_heads=1)
+    layer = randomize_(DecoderLayer(cfg), seed).double()
     g = torch.Generator().manual_seed(seed)
-    mlp, norm = randomize_(MLP(cfg), seed).double(), randomize_(RMSNorm(8, 1e-5), seed).double()
-    h = torch.randn(B, T, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(B, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), cfg, x.dtype)
     skipped = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T)))
-    rows = (~skipped).nonzero().squeeze(1)
-    want = h + torch.where(skipped.view(B, T, 1), 0.0, mlp(norm(h)))
-    assert_close(skip_ffn(h, mlp, norm, rows), want, 1e-12, "skip_ffn")
+    got = layer(x, cos, sin, None, ffn_rows=(~skipped).nonzero().squeeze(1))
+    h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, None)
+    ffn = layer.mlp(layer.post_attention_layernorm(h))
+    want = h + torch.where(skipped.view(B, T, 1), 0.0, ffn)
+    assert_close(got, want, 1e-12, "Skip-FFN forward")
+    w = torch.randn(B, T, 8, generator=g, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * w).sum(), x)
+    (g_want,) = torch.autograd.grad((want * w).sum(), x)
+    assert_close(g_got, g_want, 1e-12, "Skip-FFN backward")
 
 
 @settings(max_examples=10)
-@given(m=models(summary=True), data=st.data(), lens=lengths)
+@given(m=models(summary_scorer=True), data=st.data(), lens=lengths)
 def test_gradients_equal_dense_oracle(m, data, lens):
     """Gradients reach every parameter through the skipped tokens' attention path and the
     summary scorer, and equal the dense oracle's."""
     model, seed = m
+    assume(model.cfg.image_seq_length >= 2)  # summary tokens need a retained and a skipped one
     skip = data.draw(skips(model.cfg, summary=True))
     ids, mask, _, px = llava_inputs(model.cfg, seed, lens)
     g = torch.Generator().manual_seed(seed)
@@ -167,7 +146,7 @@ def test_training_step_skips_ffn_flops_forward_and_backward(m, data, lens):
     skip = data.draw(skips(model.cfg))
     ids, mask, _, px = llava_inputs(model.cfg, seed, lens)
     inp = model.prepare(ids, px, mask, skip=skip)
-    n_skipped = int(inp.layout.skipped.sum())
+    n_skipped = int(inp.layout.is_skipped.sum())
     C, Fd = model.cfg.text.hidden_size, model.cfg.text.intermediate_size
     n_layers = len(skip.ffn_layers(model.cfg.text.num_hidden_layers))
 

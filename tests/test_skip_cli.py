@@ -5,12 +5,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers import randomize_
+from helpers import SHIPPED, example_module, randomize_
 from skipvision import Llava, LlavaConfig, Processor, TextConfig, VisionConfig, flops, generate
 from skipvision.io.loading import save_pretrained
 from skipvision.io.processor import ImageProcessor
-from skipvision.skip import PRESETS
-from test_loading import _example_module
+from skipvision.skip import PRESETS, SkipConfig
 from tiny_tokenizer import tiny_tokenizer
 
 
@@ -32,7 +31,7 @@ def test_generate_example_with_the_100_156_preset_reports_the_savings(tmp_path, 
                     ).save(image)
     args = ["--model", str(tmp_path / "ckpt"), "--image", str(image), "--prompt", "What is it?",
             "--max-new-tokens", "8", "--report", "json", "--device", "cpu"]
-    _example_module().main(args + ["--skip", "sv-llava-100-156"])
+    example_module().main(args + ["--skip", "sv-llava-100-156"])
     report = json.loads(capsys.readouterr().out)
 
     skip = PRESETS["sv-llava-100-156"]
@@ -52,14 +51,13 @@ def test_generate_example_with_the_100_156_preset_reports_the_savings(tmp_path, 
 def test_generate_with_no_arguments_answers_the_shipped_sample_both_ways(capsys):
     """`python examples/generate.py`: the shipped model, its sample image and question, answered
     without and then with the checkpoint's own Skip-Vision settings (what the recipe recorded)."""
-    from test_shipped import SHIPPED
-    _example_module().main(["--report", "json", "--device", "cpu"])
+    example_module().main(["--report", "json", "--device", "cpu"])
     plain, skip = json.loads(capsys.readouterr().out)
     report = json.loads((SHIPPED / "training_report.json").read_text())
     assert plain["question"] == skip["question"] == report["sample"]["question"]
     assert plain["answer"] == report["sample"]["answers"]["plain"]
     assert skip["answer"] == report["sample"]["answers"]["skip_vision"]
-    assert plain["skip"] is None and skip["skip"] == report["skip"]
+    assert plain["skip"] is None and SkipConfig(**skip["skip"]) == SkipConfig(**report["skip"])
     sk = report["skip"]
     assert skip["prefill_tokens"] == plain["prefill_tokens"] - 144 + sk["retained"] + sk[
         "skipped"] + 2
@@ -67,7 +65,7 @@ def test_generate_with_no_arguments_answers_the_shipped_sample_both_ways(capsys)
 
 
 def test_skip_flags_with_the_shipped_model_change_only_the_skip_vision_pass(capsys):
-    _example_module().main(["--report", "json", "--device", "cpu", "--retained", "20"])
+    example_module().main(["--report", "json", "--device", "cpu", "--retained", "20"])
     plain, skip = json.loads(capsys.readouterr().out)
     assert plain["skip"] is None and plain["prefill_tokens"] == plain["prompt_tokens"]
     assert skip["skip"]["retained"] == 20

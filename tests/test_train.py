@@ -1,7 +1,6 @@
 """Fine-tuning: loss, schedule, data order, accumulation, DDP, exact resume, bad data, CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from helpers import ROOT, example_module
 from skipvision import LlavaConfig, TextConfig, VisionConfig, to_hf
 from skipvision.training.checkpoint import checkpoints, resolve, save_checkpoint
 from skipvision.training.data import IGNORE, DataError, collate, load_conversations
@@ -22,7 +22,6 @@ from skipvision.skip import SkipConfig
 from skipvision.training.synthetic import build_tokenizer, write_dataset
 from skipvision.training.train import AnswerLoss, TrainConfig, Trainer, batch_indices
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 24  # 6x6 = 36 image tokens: small enough for fast tests
 
 
@@ -155,10 +154,7 @@ def test_skip_ffn_sft_trains_the_summary_scorer_and_learns(dataset):
 
 
 def cli():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "examples" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return example_module("train")
 
 
 def model_files(tmp_path):
@@ -231,7 +227,7 @@ def test_cli_smoke_skip_vision_sft_with_evaluation(dataset, tmp_path, capsys):
     assert "eval at step 3: exact match" in err and "step 3/3" in err
     from skipvision.io.loading import load_pretrained
     model, _ = load_pretrained(tmp_path / "run" / "latest")
-    assert model.summary_scorer is not None and model.cfg.summary
+    assert model.summary_scorer is not None and model.cfg.summary_scorer
     info = json.loads((tmp_path / "run" / "latest" / "training.json").read_text())
     assert info["step"] == 3 and info["eval"]["n"] == 12
 

@@ -105,11 +105,10 @@ def _parts(model):
 def skip_masks(skip, n_layers: int, B: int, T: int) -> list[torch.Tensor]:
     """Per layer (B, T) bool CPU masks of the rows that skip the FFN.
 
-    `skip`: None (nothing skipped); one (B, T) bool mask for every layer; an object with a
-    `.skipped` (B, T) mask (skip.Layout); or one entry per layer, each None, a (B, T) bool
-    mask, or LlamaModel's `ffn_rows` entry (the flat rows that GET the FFN).
+    `skip`: None (nothing skipped); one (B, T) bool mask for every layer (such as
+    `Layout.is_skipped`); or one entry per layer, each None, a (B, T) bool mask, or
+    LlamaModel's `ffn_rows` entry (the flat rows that GET the FFN).
     """
-    skip = getattr(skip, "skipped", skip)
     if skip is None or isinstance(skip, torch.Tensor):
         skip = [skip] * n_layers
     if len(skip) != n_layers:

@@ -36,20 +36,6 @@ def softmax_l1(spread):
     return (spread / 2).clamp(max=2)
 
 
-def evicted_attention(scores, v, evicted):
-    """Lemma 4, one head: (o_full, o_evicted, alpha, v_bar) for scores (T,), values (T, D).
-
-    alpha is the full softmax's mass on the evicted keys and v_bar their weighted mean; the
-    identity o_full - o_evicted = alpha (v_bar - o_evicted) holds exactly.
-    """
-    a = scores.softmax(-1)
-    o_full = a @ v
-    o_evicted = scores.masked_fill(evicted, -math.inf).softmax(-1) @ v
-    alpha = a[evicted].sum()
-    v_bar = (a[evicted] @ v[evicted]) / alpha if alpha > 0 else torch.zeros_like(o_full)
-    return o_full, o_evicted, alpha, v_bar
-
-
 @dataclass
 class WeightNorms:
     """Norms of one decoder layer's weights, RMSNorm gains folded into the next map."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LlavaConfig, TextConfig
-from ..skip import PRESETS, SKIPPED, Layout, SkipConfig
+from ..skip import PRESETS, SkipConfig
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,14 @@ class Geometry:
     """Token counts of one prefill, as the language model sees it (plain or arranged)."""
     batch: int  # B
     width: int  # T: padded prompt length
-    ffn_rows: tuple[int, ...]  # per decoder layer: rows of the B*T that get the FFN (Skip-FFN)
-    skipped: tuple[int, ...]  # per batch row: Skip-Vision skipped tokens (evicted by Skip-KV)
+    ffn_tokens: tuple[int, ...]  # per decoder layer: rows of the B*T that get the FFN (Skip-FFN)
+    n_skipped: tuple[int, ...]  # per batch row: Skip-Vision skipped tokens (evicted by Skip-KV)
 
     def cache_slots(self, evict: bool = False) -> int:
         """S0, the cache width after prefill (and after Skip-KV eviction if `evict`)."""
         if not evict:
             return self.width
-        return max((self.width - s for s in self.skipped), default=0)
+        return max((self.width - s for s in self.n_skipped), default=0)
 
 
 def _per_row(v, batch: int) -> tuple[int, ...]:
@@ -71,43 +71,35 @@ def geometry(cfg: LlavaConfig, text: int | Sequence[int], images: int | Sequence
         raise ValueError(f"{len(text)} rows of text but {len(images)} rows of images")
     n, L = cfg.image_seq_length, cfg.text.num_hidden_layers
     if skip is None:
-        per_image, skipped = n, (0,) * len(text)
+        per_image, n_skipped = n, (0,) * len(text)
     else:
         skip.check(n, L)
         per_image = skip.retained + skip.skipped + 2 * skip.summary
-        skipped = tuple(i * skip.skipped for i in images)
+        n_skipped = tuple(i * skip.skipped for i in images)
     lengths = [t + i * per_image for t, i in zip(text, images)]
     B, T = len(text), max(lengths, default=0)
-    return Geometry(B, T, _ffn_rows(B * T, sum(skipped), skip, L), skipped)
+    layers = set() if skip is None else set(skip.ffn_layers(L))
+    ffn = tuple(B * T - sum(n_skipped) * (i in layers) for i in range(L))
+    return Geometry(B, T, ffn, n_skipped)
 
 
-def _ffn_rows(rows: int, n_skipped: int, skip: SkipConfig | None, n_layers: int):
-    layers = set() if skip is None else set(skip.ffn_layers(n_layers))
-    return tuple(rows - n_skipped * (i in layers) for i in range(n_layers))
+def geometry_of(inp, cfg: LlavaConfig) -> Geometry:
+    """From what the model built: a vlm.LMInput (`model.prepare(...)`)."""
+    B, T = inp.embeds.shape[:2]
+    rows = [None] * cfg.text.num_hidden_layers if inp.ffn_rows is None else inp.ffn_rows
+    n_skipped = ((0,) * B if inp.layout is None
+                 else tuple(inp.layout.is_skipped.sum(1).tolist()))
+    return Geometry(B, T, tuple(B * T if r is None else r.numel() for r in rows), n_skipped)
 
 
-def geometry_of(prepared, cfg: LlavaConfig, skip: SkipConfig | None = None) -> Geometry:
-    """From what the model built: a vlm.LMInput, or a skip.Layout plus its SkipConfig."""
-    L = cfg.text.num_hidden_layers
-    if isinstance(prepared, Layout):
-        B, T = prepared.kind.shape
-        skipped = tuple((prepared.kind == SKIPPED).sum(1).tolist())
-        return Geometry(B, T, _ffn_rows(B * T, sum(skipped), skip, L), skipped)
-    B, T = prepared.embeds.shape[:2]
-    rows = [None] * L if prepared.ffn_rows is None else prepared.ffn_rows
-    skipped = ((0,) * B if prepared.layout is None
-               else tuple(prepared.layout.skipped.sum(1).tolist()))
-    return Geometry(B, T, tuple(B * T if r is None else r.numel() for r in rows), skipped)
-
-
-def lm_forward(text: TextConfig, batch: int, tokens: int, keys: int, ffn_rows: Sequence[int],
+def lm_forward(text: TextConfig, batch: int, tokens: int, keys: int, ffn_tokens: Sequence[int],
                logit_rows: int) -> dict:
     """FLOPs of one LM pass: `tokens` queries per row against `keys` slots, by part."""
     C, F, V, D = text.hidden_size, text.intermediate_size, text.vocab_size, text.head_dim
     H, Hkv, L = text.num_attention_heads, text.num_key_value_heads, text.num_hidden_layers
     out = dict(attn_proj=2 * L * batch * tokens * C * D * 2 * (H + Hkv),  # q, o; k, v
                attention=4 * L * batch * H * tokens * keys * D,  # Q K^T and P V
-               ffn=2 * 3 * C * F * sum(ffn_rows),  # SwiGLU: gate, up, down
+               ffn=2 * 3 * C * F * sum(ffn_tokens),  # SwiGLU: gate, up, down
                lm_head=2 * logit_rows * C * V)
     out["total"] = sum(out.values())
     return out
@@ -116,7 +108,7 @@ def lm_forward(text: TextConfig, batch: int, tokens: int, keys: int, ffn_rows: S
 def prefill(cfg: LlavaConfig, g: Geometry, logits: str = "last") -> dict:
     """LM FLOPs of a prefill; logits for the last position per row ("last") or all ("all")."""
     rows = {"last": g.batch, "all": g.batch * g.width}[logits]
-    return lm_forward(cfg.text, g.batch, g.width, g.width, g.ffn_rows, rows)
+    return lm_forward(cfg.text, g.batch, g.width, g.width, g.ffn_tokens, rows)
 
 
 def decode_step(cfg: LlavaConfig, g: Geometry, step: int = 0, evict: bool = False) -> dict:
@@ -146,7 +138,7 @@ def vision(cfg: LlavaConfig, images: int, skip: SkipConfig | None = None) -> dic
         out["split"] = images * 2 * Cv * (Cv + P * Cv + P)  # CLS query, keys, scores
         M = N - skip.retained  # merge candidates
         out["merge"] = 2 * images * M * M * C if skip.skipped else 0  # cosine matrix
-        if skip.summary and cfg.summary:  # scorer Linear(C, 1), then the weighted sum, which
+        if skip.summary and cfg.summary_scorer:  # scorer Linear(C, 1), then the weighted sum, which
             # torch.einsum runs as a product only over more than one token (else elementwise)
             pooled = sum(m for m in (skip.retained, skip.skipped) if m > 1)
             out["summary"] = 2 * images * (skip.retained + skip.skipped + pooled) * C
@@ -174,12 +166,6 @@ def _itemsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def prefill_bytes(cfg: LlavaConfig, g: Geometry, dtype=torch.float32) -> int:
-    """Bytes a prefill moves at least: every LM weight read once, the KV cache written once."""
-    return (lm_weight_params(cfg.text) * _itemsize(dtype)
-            + kv_bytes(cfg, g.batch, g.cache_slots(), dtype))
-
-
 def decode_bytes(cfg: LlavaConfig, g: Geometry, step: int = 0, evict: bool = False,
                  dtype=torch.float32) -> int:
     """Bytes read by decode step `step`: every LM weight once plus the whole KV cache."""
@@ -205,7 +191,7 @@ def compare(cfg: LlavaConfig, text: int | Sequence[int] = 64, images: int | Sequ
     dec = lambda g, ev: sum(decode_step(cfg, g, t, ev)["total"] for t in steps)
     dec_bytes = lambda g, ev: sum(decode_bytes(cfg, g, t, ev, dtype) for t in steps)
     out = dict(
-        tokens=dict(plain=gp.width, skip=gs.width, skipped=sum(gs.skipped)),
+        tokens=dict(plain=gp.width, skip=gs.width, skipped=sum(gs.n_skipped)),
         prefill=dict(plain=prefill(cfg, gp)["total"], skip=prefill(cfg, gs)["total"]),
         vision=dict(plain=vision(cfg, n_img)["total"], skip=vision(cfg, n_img, skip)["total"]),
         decode=dict(plain=dec(gp, False), keep=dec(gs, False), evict=dec(gs, True)),

@@ -91,7 +91,7 @@ def from_hf(d: dict) -> LlavaConfig:
                          ("vision_feature_select_strategy", "vision_feature_select_strategy"),
                          ("projector_hidden_act", "projector_hidden_act"),
                          ("multimodal_projector_bias", "multimodal_projector_bias"),
-                         ("summary", "skipvision_summary")]:
+                         ("summary_scorer", "skipvision_summary")]:
         if d.get(theirs) is not None:
             kw[ours] = d[theirs]
     return LlavaConfig(vision=vision_from_hf(vision),
@@ -141,7 +141,7 @@ def from_original(d: dict, clip: dict) -> LlavaConfig:
                        vision_feature_layer=d.get("mm_vision_select_layer", -2),
                        vision_feature_select_strategy=ORIGINAL_FEATURES[feature],
                        projector_hidden_act=ORIGINAL_PROJECTORS[kind],
-                       summary=bool(d.get("skipvision_summary", False)))
+                       summary_scorer=bool(d.get("skipvision_summary", False)))
 
 
 def to_hf(cfg: LlavaConfig, dtype: str | None = None) -> dict:
@@ -171,7 +171,7 @@ def to_hf(cfg: LlavaConfig, dtype: str | None = None) -> dict:
         "image_seq_length": cfg.image_seq_length,
         "tie_word_embeddings": t.tie_word_embeddings,
     }
-    if cfg.summary:
+    if cfg.summary_scorer:
         out["skipvision_summary"] = True
     if dtype is not None:
         out["torch_dtype"] = out["dtype"] = dtype

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..config import LlavaConfig
+from ..kv_cache import left_pad
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (llava-hf preprocessor_config.json)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -259,14 +260,9 @@ class Processor:
                 raise InputError(f"prompt {i} is {len(r)} tokens ({counts[i]} image(s) of "
                                  f"{self.cfg.image_seq_length} tokens) but the model's context "
                                  f"is {context}; shorten it")
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: generation continues at the right edge
-            ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, T - len(r):] = 1
+        ids, mask = left_pad([torch.tensor(r, dtype=torch.long) for r in rows], self.pad_token_id)
         pixels = self.image(images) if images else None
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+        return {"input_ids": ids, "attention_mask": mask.long(), "pixel_values": pixels}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..io.processor import TEMPLATES, load_image
+from ..kv_cache import left_pad
 
 IGNORE = -100  # label of a position that carries no loss (PyTorch's cross_entropy default)
 
@@ -200,16 +201,8 @@ def load_conversations(path, processor, image_root=None, skip_bad: bool = False,
 
 def collate(items: list[Encoded], pad_id: int, pixels: list[torch.Tensor | None]):
     """Left-padded batch: input_ids, attention_mask (bool), labels (B, T); pixels (I, 3, S, S)."""
-    T = max(len(e.input_ids) for e in items)
-    B = len(items)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    for i, e in enumerate(items):
-        n = len(e.input_ids)
-        ids[i, T - n:] = torch.tensor(e.input_ids)
-        labels[i, T - n:] = torch.tensor(e.labels)
-        mask[i, T - n:] = True
+    ids, mask = left_pad([torch.tensor(e.input_ids, dtype=torch.long) for e in items], pad_id)
+    labels, _ = left_pad([torch.tensor(e.labels, dtype=torch.long) for e in items], IGNORE)
     px = [p for p in pixels if p is not None]
     return ids, mask, labels, (torch.stack(px) if px else None)
 

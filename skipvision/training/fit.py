@@ -82,7 +82,7 @@ def with_summary_scorer(model: Llava) -> Llava:
     if model.summary_scorer is not None:
         return model
     p = next(model.parameters())
-    new = Llava(model.cfg.replace(summary=True)).to(p.device, p.dtype)
+    new = Llava(model.cfg.replace(summary_scorer=True)).to(p.device, p.dtype)
     extra = {f"summary_scorer.{k}": v for k, v in new.summary_scorer.state_dict().items()}
     new.load_state_dict(model.state_dict() | extra, strict=True)
     return new
