@@ -190,47 +190,58 @@ def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_lay
     B, T, C = plain.embeds.shape
     I, N = images.cols.shape
     skip.check(N, n_layers)
+    # per image: the split (a policy), the merge and the summary tokens
     flat = plain.embeds.flatten(0, 1)  # (B*T, C)
-    base = images.row[:, None] * T  # (I, 1): flat row of each image's row start
     keep = RETAIN[skip.retain](images.cls_attention, skip.retained) if I else images.cols[:, :0]
     rest = complement(keep, N)  # (I, M) merge candidates, raster order
+    base = images.row[:, None] * T  # (I, 1): flat row where each image's batch row starts
     keep_rows = base + images.cols.gather(1, keep)  # (I, N_r) flat plain rows
-    rest_rows = base + images.cols.gather(1, rest)  # (I, M)
-    merged, _, slot = merge(flat[rest_rows], skip.skipped, skip.merge_order)  # (I, N_s, C)
-    made = [merged]
+    merged, _, slot = merge(flat[base + images.cols.gather(1, rest)], skip.skipped,
+                            skip.merge_order)  # (I, N_s, C)
+    made, q = [merged], int(skip.summary)
     if skip.summary:
         q1, q2 = summary_pool(flat[keep_rows], scorer), summary_pool(merged, scorer)  # (I, C)
         made = [q1[:, None], merged, q2[:, None]]
-    made = torch.cat(made, 1)  # (I, E, C)
-    E = made.shape[1]
-    made_rows = B * T + torch.arange(I * E, device=flat.device).view(I, E)
-    segment = torch.cat([keep_rows, made_rows], 1)  # (I, N_r + E): rows of the table below
-    q = int(skip.summary)
+    made = torch.cat(made, 1)  # (I, E, C): rows made here, after the B*T plain rows
+    made_rows = B * T + torch.arange(made[..., 0].numel(), device=flat.device)
+    made_rows = made_rows.view(made.shape[:2])  # (I, E)
     kinds = [RETAINED] * skip.retained + [SUMMARY] * q + [SKIPPED] * skip.skipped + [SUMMARY] * q
-    seg_kind = torch.tensor(kinds, device=flat.device)
-    index, kind, image = _rows(plain.attention_mask, images, segment, seg_kind)
-    pad_row = B * T + I * E
+    segment = torch.cat([keep_rows, made_rows], 1)  # (I, N_r + E): an image's rows, in order
+    # per batch row: text where it was, each image's segment in place of its tokens
+    index, kind, image = _rows(plain.attention_mask, images, segment,
+                               torch.tensor(kinds, device=flat.device))
+    pad_row = made_rows.numel() + B * T
     index, valid = left_pad(index, pad_row)
     kind, image = left_pad(kind, PAD)[0], left_pad(image, -1)[0]
-    table = torch.cat([flat, made.flatten(0, 1), flat.new_zeros(1, C)])  # (B*T + I*E + 1, C)
+    table = torch.cat([flat, made.flatten(0, 1), flat.new_zeros(1, C)])  # (pad_row + 1, C)
     embeds = table.index_select(0, index.flatten()).view(*index.shape, C)  # (B, T', C)
+    # positions run over the arranged sequence; the consistent mask hides skipped tokens
     pos, horizon = slots(valid)
-    if skip.mask == "consistent" and I:  # skipped tokens are seen only within their image
+    if skip.mask == "consistent" and I:  # seen only up to their image's last token
         sel = image >= 0
         last = torch.full((I,), -1, dtype=torch.long, device=pos.device).scatter_reduce(
             0, image[sel], pos[sel], "amax")
         horizon = torch.where(kind == SKIPPED, last[image.clamp(min=0)], horizon)
-    col = torch.full((pad_row + 1,), -1, device=pos.device)  # arranged column of a table row
-    col[index[valid]] = valid.nonzero()[:, 1]
-    dest = torch.full((I, N), -1, dtype=torch.long, device=pos.device)
-    dest.scatter_(1, keep, col[keep_rows])
-    if skip.skipped:  # merged tokens: the column of the token they joined
-        dest.scatter_(1, rest, col[made_rows[:, q:q + skip.skipped].gather(1, slot)])
-    index = index.masked_fill(index >= B * T, -1)
-    layout = Layout(kind, index, image, dest)
+    joined = made_rows[:, q:q + skip.skipped]  # (I, N_s) -> (I, M): the row each token joined
+    joined = joined.gather(1, slot) if skip.skipped else joined
+    dest = _dest(index, valid, pad_row + 1, keep, rest, keep_rows, joined)
+    layout = Layout(kind, index.masked_fill(index >= B * T, -1), image, dest)
     return dataclasses.replace(plain, embeds=embeds, pos=pos, horizon=horizon,
                                attention_mask=valid, layout=layout,
                                ffn_rows=ffn_rows(layout.is_skipped, skip, n_layers))
+
+
+def _dest(index, valid, n_rows, keep, rest, keep_rows, joined_rows):
+    """(I, N): the arranged column each image token went to: its own if retained, that of the
+    merged token it joined otherwise (-1 when N_s = 0 and it was dropped; `joined_rows` is
+    then empty)."""
+    col = torch.full((n_rows,), -1, device=index.device)  # arranged column of a table row
+    col[index[valid]] = valid.nonzero()[:, 1]
+    dest = torch.full((keep.shape[0], keep.shape[1] + rest.shape[1]), -1, device=index.device)
+    dest.scatter_(1, keep, col[keep_rows])
+    if joined_rows.shape[1]:
+        dest.scatter_(1, rest, col[joined_rows])
+    return dest
 
 
 def _rows(mask, images, segment, seg_kind):

@@ -6,7 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import assert_close, llava_inputs, randomize_
 from reference import dense
 from skipvision import SkipConfig, TextConfig
-from skipvision.skip import by_cls_attention, complement, merge, summary_pool
+from skipvision.skip import (PAD, RETAINED, SKIPPED, TEXT, by_cls_attention, complement,
+                             merge, summary_pool)
 from strategies import lengths, models, skips
 
 
@@ -41,6 +42,35 @@ def test_forward_equals_dense_oracle(m, data, lens, n_img):
         assert inp.layout.kind[b][valid].tolist() == k
         scale = max([1.0] + w.abs().flatten().tolist())
         assert_close(got[b][valid], w, 1e-12 * scale, f"row {b}")
+
+
+@settings()
+@given(m=models(), data=st.data(), lens=lengths, n_img=st.integers(0, 2))
+def test_layout_says_where_every_token_came_from_and_went(m, data, lens, n_img):
+    """Text and retained tokens copy the plain row `index` names; each image token's `dest`
+    holds itself (retained) or the mean of the tokens that share its dest (merged)."""
+    model, seed = m
+    skip = data.draw(skips(model.cfg))
+    ids, mask, _, px = llava_inputs(model.cfg, seed, lens, n_img)
+    with torch.no_grad():
+        plain, inp = model.prepare(ids, px, mask), model.prepare(ids, px, mask, skip=skip)
+    lay, flat = inp.layout, plain.embeds.flatten(0, 1)
+    copied = lay.index >= 0
+    assert torch.equal(inp.embeds[copied], flat[lay.index[copied]])
+    assert set(lay.kind[copied].tolist()) <= {TEXT, RETAINED}
+    n_text = int(mask.sum()) - n_img * len(lens) * model.cfg.image_seq_length
+    assert int((lay.kind == TEXT).sum()) == n_text and bool((lay.kind[~inp.attention_mask] == PAD).all())
+    feats = model.image_features(px)[0] if n_img else None
+    for i in range(n_img * len(lens)):
+        b = int((lay.image == i).any(1).nonzero())
+        dest = lay.dest[i]
+        assert len(set(dest.tolist()) - {-1}) == skip.retained + skip.skipped
+        assert ((dest == -1).sum() > 0) == (skip.skipped == 0 and skip.retained < dest.numel())
+        for d in set(dest.tolist()) - {-1}:
+            group = (dest == d).nonzero().squeeze(1)
+            assert int(lay.kind[b, d]) == (RETAINED if len(group) == 1 and int(
+                lay.index[b, d]) >= 0 else SKIPPED)
+            assert_close(inp.embeds[b, d], feats[i, group].mean(0), 1e-12, f"image {i} col {d}")
 
 
 @settings()
