@@ -2,8 +2,12 @@
 
 Field names and defaults follow the Hugging Face `CLIPVisionConfig`, `LlamaConfig` and
 `LlavaConfig` classes, because Hub `config.json` files are sparse: a missing field means
-"the default of that class". `LlavaConfig.from_hf` reads such a dict;
-`to_hf` writes one that both this package and `transformers` read back.
+"the default of that class" (io/hf_config.py reads and writes such files).
+
+Every field is checked for its type and range when a config is made, before any weight is
+allocated; a bad value raises ConfigError naming the key as config.json spells it. The upper
+limits are far above any released checkpoint: they only stop a corrupt file from building a
+model for minutes before failing.
 """
 from __future__ import annotations
 
@@ -12,6 +16,34 @@ from dataclasses import dataclass, field
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu", "relu")
 ROPE_TYPES = ("default", "linear", "llama3")
+WIDTH, LAYERS, VOCAB, CONTEXT = 1 << 18, 1024, 1 << 22, 1 << 24  # sanity limits (see above)
+
+
+class ConfigError(ValueError):
+    """A configuration value of the wrong type or out of range; the message names the key."""
+
+
+def check_fields(obj, section: str, rules: dict) -> None:
+    """Check fields against rules {name: (kind, allowed)}: kind "int", "num" (stored as
+    float), "bool" or "str", with a trailing "?" if None is allowed; allowed is an inclusive
+    (lo, hi) range for numbers and a tuple of choices for strings."""
+    for name, (kind, allowed) in rules.items():
+        v = getattr(obj, name)
+        if v is None and kind.endswith("?"):
+            continue
+        kind = kind.rstrip("?")
+        if kind == "bool":
+            ok, want = isinstance(v, bool), "true or false"
+        elif kind == "str":
+            ok, want = isinstance(v, str) and v in allowed, f"one of {list(allowed)}"
+        else:
+            number = (int,) if kind == "int" else (int, float)
+            ok = isinstance(v, number) and not isinstance(v, bool) and allowed[0] <= v <= allowed[1]
+            want = f"{'an integer' if kind == 'int' else 'a number'} in [{allowed[0]}, {allowed[1]}]"
+            if ok and kind == "num":
+                object.__setattr__(obj, name, float(v))
+        if not ok:
+            raise ConfigError(f"{section}{name} must be {want}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -28,12 +60,17 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
+        check_fields(self, "vision_config.", dict(
+            hidden_size=("int", (1, WIDTH)), intermediate_size=("int", (1, WIDTH)),
+            num_hidden_layers=("int", (1, LAYERS)), num_attention_heads=("int", (1, WIDTH)),
+            num_channels=("int", (1, 16)), image_size=("int", (1, 1 << 14)),
+            patch_size=("int", (1, 1 << 14)), hidden_act=("str", ACTIVATIONS),
+            layer_norm_eps=("num", (0, 1))))
         _check(self.hidden_size % self.num_attention_heads == 0,
-               f"vision hidden_size {self.hidden_size} is not divisible by "
+               f"vision_config.hidden_size {self.hidden_size} is not divisible by "
                f"num_attention_heads {self.num_attention_heads}")
-        _check(self.image_size % self.patch_size == 0,
-               f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        _check(self.hidden_act in ACTIVATIONS, f"unknown vision hidden_act {self.hidden_act!r}")
+        _check(self.image_size % self.patch_size == 0, f"vision_config.image_size "
+               f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def head_dim(self) -> int:
@@ -59,9 +96,11 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192  # llama3 only
 
     def __post_init__(self):
-        _check(self.rope_type in ROPE_TYPES,
-               f"unsupported rope type {self.rope_type!r}; supported: {ROPE_TYPES}")
-        _check(self.theta > 0 and self.factor > 0, "rope theta and factor must be positive")
+        check_fields(self, "text_config.rope_parameters.", dict(
+            theta=("num", (1e-3, 1e15)), rope_type=("str", ROPE_TYPES),
+            factor=("num", (1e-6, 1e6)), low_freq_factor=("num", (0, 1e6)),
+            high_freq_factor=("num", (0, 1e6)),
+            original_max_position_embeddings=("int", (1, CONTEXT))))
         if self.rope_type == "llama3":
             _check(self.high_freq_factor > self.low_freq_factor,
                    "llama3 rope needs high_freq_factor > low_freq_factor")
@@ -89,17 +128,32 @@ class TextConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        ids = ("int?", (-1, VOCAB))
+        check_fields(self, "text_config.", dict(
+            vocab_size=("int", (1, VOCAB)), hidden_size=("int", (1, WIDTH)),
+            intermediate_size=("int", (1, WIDTH)), num_hidden_layers=("int", (1, LAYERS)),
+            num_attention_heads=("int", (1, WIDTH)), num_key_value_heads=("int?", (1, WIDTH)),
+            head_dim=("int?", (2, WIDTH)), hidden_act=("str", ACTIVATIONS),
+            rms_norm_eps=("num", (0, 1)), max_position_embeddings=("int", (1, CONTEXT)),
+            tie_word_embeddings=("bool", ()), attention_bias=("bool", ()),
+            mlp_bias=("bool", ()), bos_token_id=ids, pad_token_id=ids))
+        _check(isinstance(self.rope, RopeConfig), "text_config.rope must be a RopeConfig")
+        if isinstance(self.eos_token_id, (list, tuple)):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+        _check(self.eos_token_id is None or all(
+            isinstance(e, int) and not isinstance(e, bool) and -1 <= e <= VOCAB for e in eos),
+            f"text_config.eos_token_id must be an integer, a list of them or null, got "
+            f"{self.eos_token_id!r}")
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         _check(self.num_attention_heads % self.num_key_value_heads == 0,
-               f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-               f"num_key_value_heads {self.num_key_value_heads}")
-        _check(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
-        _check(self.hidden_act in ACTIVATIONS, f"unknown text hidden_act {self.hidden_act!r}")
+               f"text_config.num_attention_heads {self.num_attention_heads} is not a multiple "
+               f"of num_key_value_heads {self.num_key_value_heads}")
+        _check(self.head_dim >= 2 and self.head_dim % 2 == 0,
+               f"text_config.head_dim {self.head_dim} must be even (RoPE rotates pairs)")
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -120,25 +174,33 @@ class LlavaConfig:
     summary_scorer: bool = False  # the Skip-Vision summary-token scorer exists (paper)
 
     def __post_init__(self):
-        if isinstance(self.vision_feature_layer, list):
-            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        _check(isinstance(self.vision, VisionConfig) and isinstance(self.text, TextConfig),
+               "LlavaConfig needs a VisionConfig and a TextConfig")
+        check_fields(self, "", dict(
+            image_token_id=("int", (-(1 << 31), VOCAB)),
+            vision_feature_select_strategy=("str", ("default", "full")),
+            projector_hidden_act=("str", ACTIVATIONS), multimodal_projector_bias=("bool", ()),
+            summary_scorer=("bool", ())))
+        layers = self.vision_feature_layer
+        if isinstance(layers, list):
+            object.__setattr__(self, "vision_feature_layer", layers := tuple(layers))
         n = self.vision.num_hidden_layers
-        for i in self.feature_layers:
-            _check(-(n + 1) <= i <= n, f"vision_feature_layer {i} is out of range for a vision "
-                   f"tower with {n} layers (hidden_states has {n + 1} entries)")
-        _check(self.vision_feature_select_strategy in ("default", "full"),
-               f"vision_feature_select_strategy must be 'default' or 'full', "
-               f"got {self.vision_feature_select_strategy!r}")
-        _check(self.projector_hidden_act in ACTIVATIONS,
-               f"unknown projector_hidden_act {self.projector_hidden_act!r}")
+        _check(isinstance(layers, (int, tuple)) and len(self.raw_feature_layers) > 0 and all(
+            isinstance(i, int) and not isinstance(i, bool) and -(n + 1) <= i <= n
+            for i in self.raw_feature_layers),
+            f"vision_feature_layer must be an integer (or a list of them) in [{-(n + 1)}, {n}] "
+            f"for a vision tower of {n} layers (hidden_states has {n + 1} entries), got {layers!r}")
+
+    @property
+    def raw_feature_layers(self) -> tuple:
+        layers = self.vision_feature_layer
+        return (layers,) if not isinstance(layers, tuple) else layers
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
         """Non-negative indices into hidden_states (0 = embeddings, i = after layer i)."""
-        layers = self.vision_feature_layer
-        layers = (layers,) if isinstance(layers, int) else layers
         n = self.vision.num_hidden_layers + 1
-        return tuple(i % n for i in layers)
+        return tuple(i % n for i in self.raw_feature_layers)
 
     @property
     def image_seq_length(self) -> int:
@@ -151,4 +213,4 @@ class LlavaConfig:
 
 def _check(ok: bool, message: str):
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from skipvision import LlavaConfig, TextConfig, VisionConfig
 from skipvision.training.data import IGNORE, DataError, collate, encode, exact_match, load_conversations
-from skipvision.io.processor import ImageProcessor, Processor
+from skipvision.io.images import ImageProcessor
+from skipvision.io.processor import Processor
 from skipvision.training.synthetic import (CELLS, COLOURS, build_tokenizer, caption, conversation,
                                   make_scene, render, vocabulary, write_dataset)
 

@@ -18,7 +18,7 @@ from skipvision import Llava, LlavaConfig, Processor, TextConfig, VisionConfig
 from skipvision.io.hub import CheckpointError
 from skipvision.io.keys import LLAVA_PREFIXES, map_key
 from skipvision.io.loading import compact, load_pretrained, save_pretrained
-from skipvision.io.processor import ImageProcessor
+from skipvision.io.images import ImageProcessor
 from tiny_tokenizer import tiny_tokenizer
 
 TINY = dict(text=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2,

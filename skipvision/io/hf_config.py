@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..config import ConfigError, LlavaConfig, RopeConfig, TextConfig, VisionConfig
 
 # transformers.LlavaConfig builds this CLIPVisionConfig when vision_config is absent.
 LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -35,7 +35,14 @@ def _fields(cls, d: dict) -> dict:
 
 def _need(ok: bool, message: str):
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
+
+
+def _object(d: dict, key: str, where: str = "") -> dict:
+    """d[key] as a dict ({} when absent or null); ConfigError when it is something else."""
+    v = d.get(key)
+    _need(v is None or isinstance(v, dict), f"{where}{key} must be an object, got {v!r}")
+    return v or {}
 
 
 def checkpoint_dtype(d: dict) -> str | None:
@@ -48,7 +55,8 @@ def checkpoint_dtype(d: dict) -> str | None:
 
 
 def rope_from_hf(text: dict) -> RopeConfig:
-    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    params = (_object(text, "rope_parameters", "text_config.")
+              or _object(text, "rope_scaling", "text_config."))
     if "rope_type" in params or "rope_theta" in params or "type" in params:
         params = dict(params)
     else:  # per-layer-type dicts are not used by LLaMA
@@ -57,13 +65,14 @@ def rope_from_hf(text: dict) -> RopeConfig:
     rope_type = params.get("rope_type", params.get("type", "default"))
     kw = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                  "original_max_position_embeddings") if k in params}
-    return RopeConfig(theta=float(theta), rope_type=rope_type, **kw)
+    return RopeConfig(theta=theta, rope_type=rope_type, **kw)
 
 
 def text_from_hf(text: dict, tie: bool = False) -> TextConfig:
+    """`tie`: the top-level tie_word_embeddings, used when text_config does not say."""
     kw = _fields(TextConfig, text)
     kw.pop("rope", None)
-    kw["tie_word_embeddings"] = bool(text.get("tie_word_embeddings", False) or tie)
+    kw["tie_word_embeddings"] = text.get("tie_word_embeddings", tie)
     return TextConfig(rope=rope_from_hf(text), **kw)
 
 
@@ -75,8 +84,8 @@ def from_hf(d: dict) -> LlavaConfig:
     """A llava-hf `config.json` dict (any transformers version) -> LlavaConfig."""
     _need(d.get("model_type") in (None, "llava"),
           f"expected a llava config, got model_type {d.get('model_type')!r}")
-    text = dict(d.get("text_config") or {})
-    vision = d.get("vision_config")
+    text = dict(_object(d, "text_config"))
+    vision = None if d.get("vision_config") is None else _object(d, "vision_config")
     _need(text.get("model_type") in TEXT_MODEL_TYPES,
           f"text_config.model_type {text.get('model_type')!r} is not supported: the language "
           "model here is LLaMA-architecture only")
@@ -95,7 +104,7 @@ def from_hf(d: dict) -> LlavaConfig:
         if d.get(theirs) is not None:
             kw[ours] = d[theirs]
     return LlavaConfig(vision=vision_from_hf(vision),
-                       text=text_from_hf(text, tie=d.get("tie_word_embeddings", False)), **kw)
+                       text=text_from_hf(text, tie=d.get("tie_word_embeddings") or False), **kw)
 
 
 def is_original(d: dict) -> bool:
@@ -106,7 +115,7 @@ def is_original(d: dict) -> bool:
 def clip_vision_dict(clip: dict) -> dict:
     """The vision part of a CLIP repo's config.json (`clip` or `clip_vision_model`)."""
     if clip.get("model_type") == "clip":
-        return clip.get("vision_config") or clip.get("vision_config_dict") or {}
+        return _object(clip, "vision_config") or _object(clip, "vision_config_dict")
     _need(clip.get("model_type") in VISION_MODEL_TYPES,
           f"the vision tower config has model_type {clip.get('model_type')!r}; expected a CLIP "
           "repo ('clip' or 'clip_vision_model')")
@@ -141,7 +150,7 @@ def from_original(d: dict, clip: dict) -> LlavaConfig:
                        vision_feature_layer=d.get("mm_vision_select_layer", -2),
                        vision_feature_select_strategy=ORIGINAL_FEATURES[feature],
                        projector_hidden_act=ORIGINAL_PROJECTORS[kind],
-                       summary_scorer=bool(d.get("skipvision_summary", False)))
+                       summary_scorer=d.get("skipvision_summary", False))
 
 
 def to_hf(cfg: LlavaConfig, dtype: str | None = None) -> dict:

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..io.processor import TEMPLATES, load_image
+from ..io.images import load_image
+from ..io.processor import TEMPLATES
 from ..kv_cache import left_pad
 
 IGNORE = -100  # label of a position that carries no loss (PyTorch's cross_entropy default)

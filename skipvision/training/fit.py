@@ -64,7 +64,8 @@ def build_model(config, tokenizer, seed: int = 0, dtype=None):
     initialisation under `torch.manual_seed(seed)` (the global RNG is left as it was)."""
     from tokenizers import Tokenizer
 
-    from ..io.processor import ImageProcessor, Processor
+    from ..io.images import ImageProcessor
+    from ..io.processor import Processor
     if isinstance(config, (str, Path)):
         config = from_hf(json.loads(Path(config).read_text()))
     if isinstance(tokenizer, (str, Path)):
