@@ -14,13 +14,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu", "relu")
 ROPE_TYPES = ("default", "linear", "llama3")
 WIDTH, LAYERS, VOCAB, CONTEXT = 1 << 18, 1024, 1 << 22, 1 << 24  # sanity limits (see above)
-
-
-class ConfigError(ValueError):
-    """A configuration value of the wrong type or out of range; the message names the key."""
 
 
 def check_fields(obj, section: str, rules: dict) -> None:

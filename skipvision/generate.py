@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import math
+
 import torch
 
+from .errors import InputError, NonFiniteError
 from .kv_cache import FOREVER, KVCache
 from .vlm import LMInput, Llava
 
@@ -18,10 +21,7 @@ from .vlm import LMInput, Llava
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens (B,) from logits (B, V). temperature 0 is greedy (argmax)."""
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None
-                                                                           and top_k < 1):
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
-                         f"{temperature}, {top_p}, {top_k}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
@@ -37,12 +37,31 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(temperature, top_k, top_p) -> None:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not (number(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool)
+                                  and top_k >= 1):
+        raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def finite(logits: torch.Tensor, when: str) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        rows = (~torch.isfinite(logits)).any(-1).nonzero().squeeze(1).tolist()
+        raise NonFiniteError(f"the logits {when} hold NaN or inf (batch rows {rows}): the "
+                             "weights or the dtype overflow (try float32 or bfloat16)")
+    return logits
+
+
 def prefill(model: Llava, inp: LMInput, cache: KVCache) -> torch.Tensor:
     """Run the prompt, filling the cache; returns the last position's logits (B, V)."""
     if not bool(inp.attention_mask.any(1).all()):
-        raise ValueError("a prompt is empty (after Skip-Vision's arrangement, if any): "
+        raise InputError("a prompt is empty (after Skip-Vision's arrangement, if any): "
                          "give it text or keep some image tokens")
-    return model.logits(model.run(inp, cache)[:, -1])
+    return finite(model.logits(model.run(inp, cache)[:, -1]), "of the prompt")
 
 
 def decode_step(model: Llava, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache):
@@ -73,8 +92,17 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
     `on_token(tokens)` receives each step's (B,) tokens as they come (streaming, timing).
     """
     eos_ids = model.cfg.text.eos_ids if eos_ids is None else tuple(eos_ids)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
+            max_new_tokens < 0):
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p)
     device = input_ids.device
     inp = model.prepare(input_ids, pixel_values, attention_mask, skip=skip)
+    context = model.cfg.text.max_position_embeddings
+    used = int(inp.pos.max()) + 1 if inp.pos.numel() else 0
+    if used + max_new_tokens > context:
+        raise InputError(f"the prompt ({used} positions) plus max_new_tokens "
+                         f"({max_new_tokens}) exceeds the model's context of {context}")
     cache = KVCache(model.cfg.text.num_hidden_layers)
     logits = prefill(model, inp, cache)
     kv_bytes = {"prefill": cache.nbytes()}
@@ -97,7 +125,7 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
             on_token(tok)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = decode_step(model, tok, pos, cache)
+        logits = finite(decode_step(model, tok, pos, cache), f"at decode step {step + 1}")
         pos = pos + 1
     kv_bytes["final"] = cache.nbytes()
     tokens = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)

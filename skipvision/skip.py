@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_fields
+from .errors import ConfigError, InputError
 from .kv_cache import left_pad, slots
 
 PAD, TEXT, RETAINED, SUMMARY, SKIPPED = -1, 0, 1, 2, 3  # Layout.kind values
@@ -60,30 +62,43 @@ class SkipConfig:
     retain: str = "cls_attention"  # which tokens are retained: a key of RETAIN
 
     def __post_init__(self):
+        check_fields(self, "SkipConfig.", dict(
+            retained=("int", (0, 1 << 20)), skipped=("int", (0, 1 << 20)), summary=("bool", ()),
+            mask=("str", ("causal", "consistent")), kv=("str", ("evict", "keep")),
+            merge_order=("str", ("redundancy", "spatial")), retain=("str", tuple(RETAIN))))
         if self.layers is not None:
+            ok = isinstance(self.layers, (list, tuple)) and self.layers and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+            if not ok:
+                raise ConfigError(f"SkipConfig.layers must be null (all layers) or a non-empty "
+                                  f"list of decoder layer numbers >= 0, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
-        for name in ("retained", "skipped"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"SkipConfig.{name} must be an integer >= 0, got {v!r}")
-        for name, allowed in [("mask", ("causal", "consistent")), ("kv", ("evict", "keep")),
-                              ("merge_order", ("redundancy", "spatial")),
-                              ("retain", tuple(RETAIN))]:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"SkipConfig.{name} must be one of {allowed}, "
-                                 f"got {getattr(self, name)!r}")
         if self.summary and (self.retained == 0 or self.skipped == 0):
-            raise ValueError("summary tokens pool the retained and the skipped tokens: they need "
-                             "retained >= 1 and skipped >= 1 (or set summary=False)")
+            raise ConfigError("summary tokens pool the retained and the skipped tokens: they "
+                              "need retained >= 1 and skipped >= 1 (or set summary=False)")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "skip_config.json") -> "SkipConfig":
+        """From a dict such as skip_config.json's; unknown keys are an error, not ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where} must hold an object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def check(self, n_image_tokens: int, n_layers: int) -> None:
         """Raise if these settings do not fit a model with this geometry."""
         if self.retained + self.skipped > n_image_tokens:
-            raise ValueError(f"retained + skipped = {self.retained} + {self.skipped} exceeds the "
+            raise ConfigError(f"retained + skipped = {self.retained} + {self.skipped} exceeds the "
                              f"{n_image_tokens} tokens per image of this model; lower them")
         bad = [i for i in self.layers or () if not 0 <= i < n_layers]
         if bad:
-            raise ValueError(f"Skip-FFN layers {bad} do not exist; the decoder has layers "
+            raise ConfigError(f"Skip-FFN layers {bad} do not exist; the decoder has layers "
                              f"0..{n_layers - 1}")
 
     def ffn_layers(self, n_layers: int) -> tuple[int, ...]:
@@ -185,7 +200,7 @@ def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_lay
     order [retained][q1][skipped][q2], where the image's tokens were; text stays in place.
     """
     if position_ids is not None:
-        raise ValueError("position_ids cannot be combined with Skip-Vision: positions are "
+        raise InputError("position_ids cannot be combined with Skip-Vision: positions are "
                          "recomputed over the arranged sequence")
     B, T, C = plain.embeds.shape
     I, N = images.cols.shape

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .errors import InputError
 
 
 def activation(name: str):
@@ -39,7 +40,7 @@ class CLIPVisionEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B, _, height, width = pixel_values.shape
         if height != self.cfg.image_size or width != self.cfg.image_size:
-            raise ValueError(f"pixel_values are {height}x{width}; this vision tower takes "
+            raise InputError(f"pixel_values are {height}x{width}; this vision tower takes "
                              f"{self.cfg.image_size}x{self.cfg.image_size} images (preprocess them)")
         w = self.patch_embedding.weight
         x = self.patch_embedding(pixel_values.to(w.dtype)).flatten(2).transpose(1, 2)  # (B, N, C)

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import skip as skip_vision
 from .config import LlavaConfig
+from .errors import InputError, NonFiniteError
 from .kv_cache import slots
 from .llama import LlamaForCausalLM
 from .projector import MultiModalProjector
@@ -67,7 +68,7 @@ class Llava(nn.Module):
         whose output is used (the last of `vision_feature_layer`)."""
         last = self.cfg.feature_layers[-1]
         if cls_attention and last == 0:
-            raise ValueError("vision_feature_layer 0 (the embeddings) has no attention to rank "
+            raise InputError("vision_feature_layer 0 (the embeddings) has no attention to rank "
                              "image tokens by; Skip-Vision needs a layer >= 1")
         states, attn = self.vision_tower.hidden_states(pixel_values, self.cfg.feature_layers,
                                                        last if cls_attention else 0)
@@ -75,10 +76,17 @@ class Llava(nn.Module):
             attn = attn[:, 1:]  # the features of the patches, not CLS
         return self.project(states), attn
 
-    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, T, C); image placeholders (any id, even -200) embed as id 0."""
-        ids = input_ids.masked_fill(input_ids == self.cfg.image_token_id, 0)
-        return self.language_model.model.embed_tokens(ids)
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, C); image placeholders (any id, even -200) and padding
+        embed as id 0. Every other id must be in the vocabulary."""
+        skip = (input_ids == self.cfg.image_token_id) | ~attention_mask
+        bad = ~skip & ((input_ids < 0) | (input_ids >= self.cfg.text.vocab_size))
+        if bool(bad.any()):
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise InputError(f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is not a token id: "
+                             f"the vocabulary has ids 0..{self.cfg.text.vocab_size - 1} (and "
+                             f"{self.cfg.image_token_id} marks image tokens)")
+        return self.language_model.model.embed_tokens(input_ids.masked_fill(skip, 0))
 
     def image_tokens(self, input_ids, attention_mask, n_images: int) -> ImageTokens:
         """Where the images' tokens are: one contiguous block of N tokens per image."""
@@ -86,28 +94,39 @@ class Llava(nn.Module):
         is_image = (input_ids == self.cfg.image_token_id) & attention_mask
         found = int(is_image.sum())
         if found != n_images * n:
-            raise ValueError(
+            raise InputError(
                 f"the prompt holds {found} image tokens (id {self.cfg.image_token_id}) but "
                 f"{n_images} image(s) of {n} tokens each were given; expand each <image> to "
                 f"{n} tokens (the processor does this)")
         row, col = is_image.nonzero(as_tuple=True)  # row-major: images in prompt order
         rows, cols = row.view(-1, n), col.view(-1, n)  # (I, N) each
         if bool(((rows != rows[:, :1]).any(1) | (cols[:, -1] - cols[:, 0] != n - 1)).any()):
-            raise ValueError(f"each image's {n} tokens must be contiguous in one prompt")
+            raise InputError(f"each image's {n} tokens must be contiguous in one prompt")
         return ImageTokens(rows[:, 0], cols, None)
 
     def prepare(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                 skip=None) -> LMInput:
         """Prompt ids (B, T) (+ pixels, left-padding mask) -> the language model's input."""
+        if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
+                and input_ids.shape[0] > 0 and not input_ids.is_floating_point()):
+            raise InputError("input_ids must be a (batch, tokens) integer tensor, batch >= 1")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(f"attention_mask is {tuple(attention_mask.shape)}, input_ids "
+                             f"{tuple(input_ids.shape)}: they must match")
         attention_mask = attention_mask.bool()
         if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-            raise ValueError("the batch is padded on the right; pad on the left (generation "
+            raise InputError("the batch is padded on the right; pad on the left (generation "
                              "continues at the right edge; the processor does this)")
+        if pixel_values is not None and not (isinstance(pixel_values, torch.Tensor) and
+                                             pixel_values.dim() == 4):
+            raise InputError("pixel_values must be an (images, channels, height, width) tensor")
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_images and not bool(torch.isfinite(pixel_values).all()):
+            raise NonFiniteError("pixel_values hold NaN or inf (check the image preprocessing)")
         images = self.image_tokens(input_ids, attention_mask, n_images)
-        embeds = self.embed_text(input_ids)
+        embeds = self.embed_text(input_ids, attention_mask)
         if n_images:
             feats, images.cls_attention = self.image_features(pixel_values, skip is not None)
             embeds = embeds.index_put((images.row[:, None], images.cols),

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from helpers import assert_close, build_hf, hf_specs, llava_inputs
 from skipvision import load_pretrained
-from skipvision.io.hub import CheckpointError
+from skipvision.errors import CheckpointError
 
 SENTINEL = -200  # original LLaVA's image placeholder
 

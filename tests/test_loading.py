@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from helpers import (assert_close, build_hf, example_module, hf_specs, llava_inputs,
                      ours_from_hf, randomize_)
 from skipvision import Llava, LlavaConfig, Processor, TextConfig, VisionConfig
-from skipvision.io.hub import CheckpointError
+from skipvision.errors import CheckpointError
 from skipvision.io.keys import LLAVA_PREFIXES, map_key
 from skipvision.io.loading import compact, load_pretrained, save_pretrained
 from skipvision.io.images import ImageProcessor

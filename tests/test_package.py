@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT
 
 PKG = ROOT / "skipvision"
-MODEL = ["config", "vision", "projector", "llama", "vlm", "kv_cache", "generate", "skip"]
+MODEL = ["config", "errors", "vision", "projector", "llama", "vlm", "kv_cache", "generate", "skip"]
 
 
 def module_name(path) -> str:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from reference.pad_square import expand_to_square
 from skipvision import LlavaConfig, Processor, TextConfig, VisionConfig
-from skipvision.io.images import ImageProcessor, InputError, load_image, pad_to_square
+from skipvision.errors import InputError
+from skipvision.io.images import ImageProcessor, load_image, pad_to_square
 from skipvision.io.processor import TEMPLATES, VICUNA_SYSTEM
 from tiny_tokenizer import as_transformers, tiny_tokenizer
 

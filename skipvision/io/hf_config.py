@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ConfigError, LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..errors import ConfigError
 
 # transformers.LlavaConfig builds this CLIPVisionConfig when vision_config is absent.
 LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

@@ -9,6 +9,13 @@ them; pickled `.bin` files are fetched only when it has none, and read with
 
 `tensor_index` reads only headers (names, dtypes, shapes); `read_tensors` then reads each
 tensor's bytes straight into its own buffer, so a checkpoint is never held twice.
+
+Nothing is read from outside the checkpoint folder: every file name (an index's shard names
+included) must be a plain name in the folder, and a link must resolve inside it (or, in a Hub
+cache snapshot, into the repo's `blobs/`). A safetensors index names safetensors shards only,
+never a pickle. Safetensors headers are checked as the format's specification requires:
+a JSON object without duplicate names, known dtypes, offsets that match each tensor's dtype and
+shape and tile the data area exactly (contiguous, no overlap, no hole, no trailing bytes).
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..errors import CheckpointError
 
 META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
@@ -33,10 +42,6 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER = 100 << 20  # bytes; a larger safetensors header is corrupt
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, read or fitted; the message says why and what to do."""
 
 
 def fetch(repo_or_dir, revision: str | None = None, *, weights: bool = True, token=None,
@@ -108,14 +113,37 @@ def read_json(path: Path) -> dict:
     return d
 
 
+def in_folder(root: Path, name, what: str = "") -> Path:
+    """root / name, refused unless `name` is a plain file name and the file (after links)
+    lies in `root`, or in the repo's blobs/ when `root` is a Hub cache snapshot."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(
+        c in name for c in "/\\\0") and ":" not in name
+    if not plain:
+        raise CheckpointError(f"{what or root}: {name!r} is not a plain file name in the "
+                              "checkpoint folder; nothing outside it is read")
+    path, base = root / name, root.resolve()
+    real = path.resolve()
+    blobs = (root.parent.parent / "blobs").resolve() if root.parent.name == "snapshots" else None
+    if path.exists() and not (real.is_relative_to(base) or (blobs and real.parent == blobs)):
+        raise CheckpointError(f"{path} links to {real}, outside the checkpoint folder; "
+                              "nothing outside it is read")
+    return path
+
+
 def _weight_files(root: Path, patterns) -> list[Path]:
     """The weight files of one format (safetensors or pickles), shards in index order."""
-    single, index = root / patterns[0], root / patterns[1]
+    single, index = in_folder(root, patterns[0]), in_folder(root, patterns[1])
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map' object")
-        shards = sorted(set(weight_map.values()))
+        suffix = patterns[0].rpartition(".")[2]
+        shards = sorted(set(map(str, weight_map.values())))
+        for s in shards:
+            in_folder(root, s, str(index))
+            if not s.endswith("." + suffix):
+                raise CheckpointError(f"{index} names {s!r}; a {index.name} names .{suffix} "
+                                      "shards only")
         absent = [s for s in shards if not (root / s).is_file()]
         if absent:
             raise CheckpointError(f"{index.name} in {root} names shards that are missing: "
@@ -136,7 +164,8 @@ def weight_files(root: Path) -> list[Path]:
 
 @dataclass
 class TensorInfo:
-    """Where one stored tensor lives: file, dtype, shape and (safetensors) byte range."""
+    """Where one stored tensor lives: key, file, dtype, shape and (safetensors) byte range."""
+    key: str
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -145,37 +174,58 @@ class TensorInfo:
     lazy: torch.Tensor | None = None  # a memory-mapped tensor from a pickle
 
 
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate names {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
+
+
+def _ints(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
 def safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Names -> TensorInfo from a safetensors file's header, validated against its size."""
+    """Names -> TensorInfo from a safetensors file's header, validated as the format's
+    specification requires (see the module docstring) against the file's size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if not 0 < n <= min(size - 8, MAX_HEADER):
+        if not 2 <= n <= min(size - 8, MAX_HEADER):
             raise CheckpointError(f"{path} is not a safetensors file or is truncated (size "
                                   f"{size} bytes, header length field {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a corrupt safetensors header (not an object)")
-    header.pop("__metadata__", None)
-    out, data = {}, 8 + n
+        text = f.read(n)
+    try:
+        if not text.startswith(b"{"):
+            raise ValueError("it does not start with '{'")
+        header = json.loads(text.decode("utf-8").rstrip(" "), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from None
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings")
+    out, data, spans = {}, 8 + n, []
     for name, h in header.items():
-        try:
-            dtype, shape = DTYPES[h["dtype"]], tuple(int(s) for s in h["shape"])
-            start, stop = (int(o) for o in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for {name!r}: {h!r}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if min(shape, default=0) < 0 or stop - start != nbytes:
+        ok = isinstance(h, dict) and h.get("dtype") in DTYPES and _ints(h.get("shape")) and (
+            _ints(h.get("data_offsets")) and len(h["data_offsets"]) == 2)
+        if not ok or min(h["shape"], default=0) < 0:
+            raise CheckpointError(f"{path}: corrupt header entry for {name!r}: {h!r:.200}")
+        dtype, shape, (start, stop) = DTYPES[h["dtype"]], tuple(h["shape"]), h["data_offsets"]
+        if stop - start != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(f"{path}: header of {name!r} says shape {list(shape)} "
                                   f"{h['dtype']} but gives {stop - start} bytes")
-        if start < 0 or data + stop > size:
-            raise CheckpointError(f"{path} is truncated: {name!r} needs bytes up to "
-                                  f"{data + stop}, the file has {size}")
-        out[name] = TensorInfo(path, dtype, shape, data + start, data + stop)
+        spans.append((start, stop, name))
+        out[name] = TensorInfo(name, path, dtype, shape, data + start, data + stop)
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            raise CheckpointError(f"{path}: the bytes of {name!r} start at {start}, not at "
+                                  f"{end} where the tensor before ends (overlap or hole)")
+        end = stop
+    if data + end != size:
+        raise CheckpointError(f"{path} is {'truncated' if data + end > size else 'too long'}:"
+                              f" its tensors need {data + end} bytes, the file has {size}")
     return out
 
 
@@ -194,7 +244,7 @@ def pickle_header(path: Path) -> dict[str, TensorInfo]:
                               f"which is never run): {type(e).__name__}: {e}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors")
-    return {k: TensorInfo(path, v.dtype, tuple(v.shape), lazy=v) for k, v in sd.items()}
+    return {k: TensorInfo(k, path, v.dtype, tuple(v.shape), lazy=v) for k, v in sd.items()}
 
 
 def tensor_index(files: list[Path]) -> dict[str, TensorInfo]:

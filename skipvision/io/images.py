@@ -18,17 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import ConfigError, check_fields
+from ..config import check_fields
+from ..errors import ConfigError, InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (llava-hf preprocessor_config.json)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb guard (~89 Mpx), decoded
 MAX_RESIZED = 1 << 25  # pixels of the resized (or padded) image before its crop: 100 MB as RGB
 MAX_DOWNLOAD = 64 << 20  # bytes read from an image URL at most
-
-
-class InputError(ValueError):
-    """A bad image or prompt; the message says what is wrong and how to fix it."""
 
 
 def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:

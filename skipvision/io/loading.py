@@ -25,7 +25,8 @@ import torch
 
 from ..config import LlavaConfig
 from .hf_config import checkpoint_dtype, from_hf, from_original, is_original, to_hf
-from .hub import CheckpointError, fetch, read_json, read_tensor, tensor_index, weight_files
+from ..errors import CheckpointError
+from .hub import fetch, in_folder, read_json, read_tensor, tensor_index, weight_files
 from .keys import CLIP_PREFIXES, LLAVA_PREFIXES, ORIGINAL_PREFIXES, is_ignored, map_key
 from .processor import Processor
 from ..vlm import Llava
@@ -50,7 +51,7 @@ def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, dev
     dtype = torch_dtype(dtype)
     hub = dict(token=token, cache_dir=cache_dir, offline=offline)
     root = fetch(repo_id_or_dir, revision, **hub)
-    config = read_json(root / "config.json")
+    config = read_json(in_folder(root, "config.json"))
     if not is_original(config):  # llava-hf
         cfg = _parse(from_hf, config, root)
         sources = [(weight_files(root), LLAVA_PREFIXES)]
@@ -63,7 +64,7 @@ def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, dev
         has_tower = any((map_key(k, ORIGINAL_PREFIXES) or "").startswith("vision_tower.")
                         for k in tensor_index(sources[0][0]))
         clip_root = fetch(clip_id, weights=not has_tower, **hub)
-        clip = read_json(clip_root / "config.json")
+        clip = read_json(in_folder(clip_root, "config.json"))
         cfg = _parse(lambda c: from_original(c, clip), config, root)
         if not has_tower:
             sources.append((weight_files(clip_root), CLIP_PREFIXES))
@@ -118,8 +119,11 @@ def load_model(cfg: LlavaConfig, sources, dtype=None, device="cpu", where: str =
     for file, items in by_file.items():
         with open(file, "rb") as f:
             for _, name, info in sorted(items, key=lambda t: t[0]):  # sequential reads
-                t = read_tensor(info, f)
-                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                t = read_tensor(info, f).to(device=device, dtype=dtype)
+                if not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"{file}: {info.key} holds NaN or inf (as {dtype}); "
+                                          "these weights would give no answer")
+                state[name] = t
     tied = cfg.text.tie_word_embeddings
     if tied:
         state[LM_HEAD] = state[EMBED]
@@ -164,6 +168,10 @@ def _plan(model: Llava, sources, tied: bool, where: str) -> dict:
                 continue  # already given by the main checkpoint
             if name is None or name not in expected or name in plan:
                 unexpected.append(key)
+            elif not info.dtype.is_floating_point:
+                misshaped.append(f"{key}: stored as {str(info.dtype).removeprefix('torch.')}, "
+                                 "but LLaVA weights are floating point")
+                bad.add(name)
             elif info.shape != expected[name]:
                 misshaped.append(f"{key}: checkpoint {list(info.shape)}, model "
                                  f"{list(expected[name])}")

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, LlavaConfig
+from ..config import LlavaConfig
+from ..errors import CheckpointError, ConfigError, InputError
 from ..kv_cache import left_pad
-from .hub import CheckpointError, read_json
-from .images import ImageProcessor, InputError
+from .hub import in_folder, read_json
+from .images import ImageProcessor
 
 IMAGE = "<image>"  # the placeholder users write, and llava-hf's added token
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
@@ -44,7 +45,7 @@ class Processor:
         """From the checkpoint's `tokenizer.json` and `preprocessor_config.json` (if present)."""
         from tokenizers import Tokenizer
         image_root = root if image_root is None else image_root
-        pre = image_root / "preprocessor_config.json"
+        pre = in_folder(image_root, "preprocessor_config.json")
         d = read_json(pre) if pre.is_file() else {}
         try:
             image = ImageProcessor.from_dict(d, cfg.vision.image_size,
@@ -52,12 +53,12 @@ class Processor:
         except ConfigError as e:
             raise CheckpointError(f"{pre}: {e}") from None
         tok, hint = None, ""
-        if (root / "tokenizer.json").is_file():
+        if (path := in_folder(root, "tokenizer.json")).is_file():
             try:
-                tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+                tok = Tokenizer.from_file(str(path))
             except Exception as e:  # the tokenizers library raises a bare Exception
-                raise CheckpointError(f"{root / 'tokenizer.json'} is not a tokenizer the "
-                                      f"tokenizers library can read: {e}") from None
+                raise CheckpointError(f"{path} is not a tokenizer the tokenizers library can "
+                                      f"read: {e}") from None
         else:
             hint = (f"{root} has no tokenizer.json (a sentencepiece tokenizer.model cannot be "
                     "read by the tokenizers library); pass tokenizer= a repo or directory with "

@@ -28,12 +28,13 @@ from PIL import Image
 
 from ..io.images import load_image
 from ..io.processor import TEMPLATES
+from ..errors import SkipvisionError
 from ..kv_cache import left_pad
 
 IGNORE = -100  # label of a position that carries no loss (PyTorch's cross_entropy default)
 
 
-class DataError(ValueError):
+class DataError(SkipvisionError):
     """Problems found in a data file; `problems` is a list of (line number, message)."""
 
     def __init__(self, path, problems: list[tuple[int, str]], hint: str = ""):
