@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cli import Parser, run_main  # examples/, next to this file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -78,7 +80,7 @@ def run(*args) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=int, default=300, help="checkpoint size in MB (default 300)")
     p.add_argument("--naive", action="store_true", help="also measure the naive loader")
     p.add_argument("--_make", help=argparse.SUPPRESS)
@@ -100,4 +102,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

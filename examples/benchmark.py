@@ -32,13 +32,18 @@ from skipvision import KVCache, LlavaConfig, TextConfig, VisionConfig, flops
 from skipvision.generate import prefill
 from skipvision.skip import PRESETS, SkipConfig
 
+from cli import Parser, fail, run_main  # examples/, next to this file
+
 import benchmark_lib as lib  # examples/, next to this file
 from benchmark_cases import (DTYPES, SIZES, adamw, build, decode_case, hf_decode_case, hf_prefill,
                              hf_twin, kv_bytes, lm_prefill_case, prompt, train_case)
 
+PARTS = ("train", "hf", "sweep", "memory")  # what --skip-parts may leave out
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="default: cpu")
     p.add_argument("--layers", type=int, help="override the LM's number of layers")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -56,9 +61,21 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed repeats (default: 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repeats first (default: 2)")
     p.add_argument("--skip-parts", default="", help="comma-separated parts not to run: "
-                   "train, hf, sweep, memory")
+                   + ", ".join(PARTS))
     p.add_argument("--out", default="examples/results", help="default: examples/results")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    bad = sorted(set(filter(None, a.skip_parts.split(","))) - set(PARTS))
+    if bad:
+        p.error(f"--skip-parts {bad}: choose from {', '.join(PARTS)}")
+    for flag, lo in (("layers", 1), ("threads", 1), ("text", 0), ("batch", 1),
+                     ("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
+        if getattr(a, flag) is not None and getattr(a, flag) < lo:
+            p.error(f"--{flag.replace('_', '-')} must be >= {lo}")
+    for s in [a.preset, *a.sweep.split(",")]:
+        r, _, k = s.partition("/")
+        if s not in PRESETS and not (r.isdigit() and k.isdigit()):
+            p.error(f"{s!r} is neither a preset ({', '.join(PRESETS)}) nor R/S such as 64/156")
+    return a
 
 
 def parse_skip(s: str) -> SkipConfig:
@@ -158,7 +175,7 @@ def run(a) -> dict:
 def main(argv=None):
     a = parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device here")
+        fail("--device cuda: no CUDA device here")
     res = run(a)
     sk = label(parse_skip(a.preset))
     out = Path(a.out)
@@ -178,4 +195,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

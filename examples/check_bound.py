@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 
 import torch
@@ -30,6 +29,8 @@ import torch
 from skipvision.analysis import bound
 from skipvision.kv_cache import FOREVER
 from skipvision.skip import RETAINED, SKIPPED, SUMMARY, TEXT, SkipConfig
+
+from cli import Parser, fail, run_main  # examples/, next to this file
 
 
 def layer_set(spec: str | None, n: int) -> set[int]:
@@ -39,9 +40,11 @@ def layer_set(spec: str | None, n: int) -> set[int]:
     out = set()
     for part in spec.split(","):
         a, _, b = part.partition("-")
+        if not (a.isdigit() and (b or a).isdigit()):
+            fail(f"--layers {spec!r}: layer numbers and ranges such as 0-5,7")
         out |= set(range(int(a), int(b or a) + 1))
-    if not out <= set(range(n)):
-        sys.exit(f"--layers {spec}: the model has layers 0..{n - 1}")
+    if not out or not out <= set(range(n)):
+        fail(f"--layers {spec}: the model has layers 0..{n - 1}")
     return out
 
 
@@ -197,8 +200,8 @@ def plot(out, path: str, title: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--smollm2", action="store_true", help="real SmolLM2-135M weights")
     src.add_argument("--model", help="a LLaVA checkpoint: Hub repo id or directory")
@@ -228,7 +231,7 @@ def main(argv=None):
             from skipvision import load_pretrained
             model, processor = load_pretrained(a.model, dtype="float64")
             if not a.image:
-                sys.exit("--image is required with --model")
+                fail("--image is required with --model")
             title = a.model
         else:
             model, processor, title = tiny_llava(a.seed), None, "tiny random LLaVA"
@@ -255,4 +258,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,22 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from skipvision import flops, generate, load_pretrained
+from skipvision.io.hub import in_folder
+from skipvision.io.loading import load_skip_config
 from skipvision.io.processor import TEMPLATES
 from skipvision.skip import PRESETS, SkipConfig
+
+from cli import Parser, fail, run_main  # examples/, next to this file
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llava"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hub repo id or checkpoint directory (default: the shipped tiny model)")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     p.add_argument("--image", help="image path or http(s) URL (default: the sample image the "
@@ -58,28 +61,28 @@ def parse_args(argv=None):
     s.add_argument("--mask", choices=["causal", "consistent"], help="text-to-skipped visibility")
     s.add_argument("--kv", choices=["evict", "keep"], help="Skip-KV: drop skipped tokens' "
                    "keys/values after prefill, or keep them")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.skip not in (None, "none", "checkpoint", "both", *PRESETS):
+        p.error(f"--skip {a.skip!r}: choose one of {', '.join(PRESETS)}, checkpoint, both, none")
+    custom = [f for f in ("retained", "skipped", "mask", "kv") if getattr(a, f) is not None]
+    if a.skip == "none" and custom:
+        p.error(f"--{custom[0]} sets Skip-Vision, but --skip none turns it off")
+    return a
 
 
 def skip_config(a, name: str) -> SkipConfig | None:
     """The Skip-Vision settings the flags ask for, or None for plain LLaVA."""
     if name == "checkpoint":
-        path = Path(a.model) / "skip_config.json"
-        if not path.is_file():
-            sys.exit(f"--skip checkpoint: {path} does not exist; pass a preset instead")
-        base = SkipConfig(**json.loads(path.read_text()))
-    elif name != "none" and name not in PRESETS:
-        sys.exit(f"--skip {name!r}: choose one of {', '.join(PRESETS)}, checkpoint, both or none")
+        base = load_skip_config(a.model, a.revision, offline=True if a.offline else None)
+        if base is None:
+            fail(f"--skip checkpoint: {a.model} has no skip_config.json; pass a preset instead")
     else:
         base = PRESETS.get(name)
     custom = {k: v for k, v in dict(retained=a.retained, skipped=a.skipped, mask=a.mask,
                                     kv=a.kv).items() if v is not None}
     if base is None and not custom:
         return None
-    try:
-        return SkipConfig(**(vars(base) if base else {}) | custom)
-    except ValueError as e:
-        sys.exit(f"Skip-Vision settings: {e}")
+    return SkipConfig(**(vars(base) if base else {}) | custom)
 
 
 def checkpoint_example(directory: Path) -> dict:
@@ -114,37 +117,37 @@ def main(argv=None):
     a = parse_args(argv)
     if a.model is None:
         if not SHIPPED.is_dir():
-            sys.exit(f"the shipped model {SHIPPED} does not exist yet; pass --model (a Hub id "
-                     "such as llava-hf/llava-1.5-7b-hf, or a checkpoint directory)")
+            fail(f"the shipped model {SHIPPED} does not exist yet; pass --model (a Hub id "
+                 "such as llava-hf/llava-1.5-7b-hf, or a checkpoint directory)")
         a.model = str(SHIPPED)
         a.skip = a.skip or "both"
     both = a.skip == "both"  # plain first, then the checkpoint's settings (flags apply to it)
     skips = [None, skip_config(a, "checkpoint")] if both else [skip_config(a, a.skip or "none")]
-    device = torch.device(a.device)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        fail(f"--device {a.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {a.device}: no CUDA device here")
     dtype = a.dtype if a.dtype != "auto" else ("float32" if device.type == "cpu" else None)
     t0 = time.perf_counter()
-    try:
-        model, processor = load_pretrained(a.model, a.revision, dtype, device,
-                                           offline=True if a.offline else None)
-    except ValueError as e:  # CheckpointError: what is wrong with the model, and what to do
-        sys.exit(f"cannot load {a.model}: {e}")
+    model, processor = load_pretrained(a.model, a.revision, dtype, device,
+                                       offline=True if a.offline else None)
     load_s = time.perf_counter() - t0
     example = checkpoint_example(Path(a.model))
-    image = a.image or (str(Path(a.model) / example["image"]) if "image" in example else None)
+    image = a.image or (str(in_folder(Path(a.model), example["image"], "example image"))
+                        if "image" in example else None)
     question = a.prompt or example.get("prompt", example.get("question", "What is in the image?"))
     if image is None:
-        sys.exit("--image is required for this checkpoint (it ships no example image)")
-    try:
-        for skip in skips:
-            if skip is not None:
-                skip.check(model.cfg.image_seq_length, model.cfg.text.num_hidden_layers)
-        inputs = processor(processor.format(question, a.template), [image])
-    except ValueError as e:  # InputError: a bad image, prompt or Skip-Vision setting
-        sys.exit(str(e))
+        fail("--image is required for this checkpoint (it ships no example image)")
+    for skip in skips:
+        if skip is not None:
+            skip.check(model.cfg.image_seq_length, model.cfg.text.num_hidden_layers)
+    inputs = processor(processor.format(question, a.template), [image])
     n_prompt = inputs["input_ids"].shape[1]
     if n_prompt + a.max_new_tokens > model.cfg.text.max_position_embeddings:
-        sys.exit(f"prompt ({n_prompt} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds the "
-                 f"model's context of {model.cfg.text.max_position_embeddings} tokens")
+        fail(f"prompt ({n_prompt} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds the "
+             f"model's context of {model.cfg.text.max_position_embeddings} tokens")
     inputs = {k: v.to(device) for k, v in inputs.items()}
     reports = []
     for skip in skips:
@@ -210,4 +213,4 @@ def model_dtype(model) -> torch.dtype:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -34,10 +33,13 @@ import torch
 from skipvision import LlavaConfig, TextConfig, VisionConfig
 from skipvision.training.data import collate, evaluate, load_conversations
 from skipvision.training.fit import build_model, fit, with_summary_scorer
-from skipvision.io.loading import load_pretrained, save_pretrained
+from skipvision.io.loading import load_pretrained, load_skip_config
+from skipvision.io.saving import save_pretrained
 from skipvision.skip import SkipConfig
 from skipvision.training.synthetic import build_tokenizer, make_scene, render, write_dataset
 from skipvision.training.train import TrainConfig, Trainer
+
+from cli import Parser, run_main  # examples/, next to this file
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's SV-LLaVA 100 retained / 156 skipped of 576 tokens, scaled to 144 tokens; merged
@@ -184,7 +186,7 @@ def write_readme(text: str, readme: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "checkpoints" / "tiny-llava"))
     p.add_argument("--plain-out", default=str(ROOT / "checkpoints" / "tiny-llava-plain"))
     p.add_argument("--work", default=str(ROOT / "runs" / "tiny-llava"))
@@ -217,7 +219,7 @@ def main(argv=None):
     if a.table_only:
         plain, proc = load_pretrained(plain_out)
         skip_model, _ = load_pretrained(out)
-        skip = SkipConfig(**json.loads((out / "skip_config.json").read_text()))
+        skip = load_skip_config(out)
         stage2_steps = a.time_steps
     elif a.stage1_from:
         plain, proc = load_pretrained(a.stage1_from)
@@ -267,8 +269,7 @@ def main(argv=None):
         report = json.loads((out / "training_report.json").read_text()) | report
     if not a.table_only:
         save_pretrained(plain, plain_out, proc)
-        save_pretrained(skip_model, out, proc)
-        (out / "skip_config.json").write_text(json.dumps(asdict(skip), indent=2))
+        save_pretrained(skip_model, out, proc, skip=skip)
         scene, question, answer = sample(a.seed)
         render(scene).save(out / "sample.png")
         report["sample"] = {"image": "sample.png", "question": question, "answer": answer,
@@ -287,4 +288,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

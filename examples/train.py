@@ -22,15 +22,19 @@ from pathlib import Path
 
 import torch
 
+from skipvision.errors import NonFiniteError
+from skipvision.skip import SkipConfig
+from skipvision.training.checkpoint import checkpoints
 from skipvision.training.data import DataError, load_conversations
 from skipvision.training.fit import build_model, fit, resume, with_summary_scorer
-from skipvision.skip import SkipConfig
 from skipvision.training.train import PARTS, TrainConfig, Trainer, init_distributed
+
+from cli import Parser, fail, run_main  # examples/, next to this file
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", help="checkpoint folder or Hub id to start from")
     g.add_argument("--config", help="or: a llava-hf config.json to build a new model from")
@@ -85,6 +89,19 @@ def parse_args(argv=None):
         p.error("--config needs --tokenizer")
     if not (a.out or a.resume):
         p.error("give --out")
+    for flag in ("steps", "batch_size", "micro_batch_size", "warmup", "eval_every", "save_every",
+                 "keep", "threads", "stop_after"):
+        v = getattr(a, flag)
+        if v is not None and v < (1 if flag in ("steps", "batch_size", "threads") else 0):
+            p.error(f"--{flag.replace('_', '-')} {v} is out of range")
+    for flag in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        if not 0 <= getattr(a, flag) < float("inf"):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number >= 0")
+    bad = sorted(set(a.train.split(",")) - set(PARTS))
+    if bad:
+        p.error(f"--train {bad}: choose from {sorted(PARTS)}")
+    if a.skip_layers and not all(x.strip().isdigit() for x in a.skip_layers.split(",")):
+        p.error(f"--skip-layers {a.skip_layers!r}: comma-separated layer numbers")
     return a
 
 
@@ -93,6 +110,8 @@ def main(argv=None):
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {a.device}: no CUDA device here")
     d = init_distributed(a.device)
     dtype = torch_dtype(a.dtype)
     skip = None
@@ -116,12 +135,9 @@ def main(argv=None):
                       lr=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup,
                       weight_decay=a.weight_decay, grad_clip=a.grad_clip,
                       train=tuple(a.train.split(",")), seed=a.seed, amp=not a.no_amp)
-    try:
-        data = load_conversations(a.data, processor, a.image_root, a.skip_bad_data)
-        evals = None if not a.eval_data else load_conversations(
-            a.eval_data, processor, a.image_root, a.skip_bad_data)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    data = load_conversations(a.data, processor, a.image_root, a.skip_bad_data)
+    evals = None if not a.eval_data else load_conversations(
+        a.eval_data, processor, a.image_root, a.skip_bad_data)
     if d.rank == 0:
         for ds in [data] + ([evals] if evals else []):
             for line, msg in ds.problems:
@@ -133,9 +149,12 @@ def main(argv=None):
     try:
         result = fit(trainer, out, processor, evals, a.eval_every, a.save_every, a.keep,
                      a.stop_after)
-    except DataError as e:
-        sys.exit(f"error: {e}\nthe last completed step is saved in {out}; fix the data and "
-                 f"resume with --resume {out}")
+    except (DataError, NonFiniteError) as e:
+        saved = checkpoints(out)
+        where = (f"the last completed step is saved in {saved[-1]}; fix the cause and resume "
+                 f"with --resume {out}" if saved else "no step completed, nothing was saved")
+        raise type(e)(f"{e} ({where})") if isinstance(e, NonFiniteError) else DataError(
+            e.path, e.problems, f" ({where})") from None
     if d.rank == 0:
         print(f"\nsaved {result['checkpoint']}", file=sys.stderr)
     if d.world > 1:
@@ -143,4 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,7 +8,8 @@ from .analysis import flops
 from .config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from .generate import Generation, decode_step, generate, prefill, sample
 from .io.hf_config import from_hf, to_hf
-from .io.loading import load_pretrained, save_pretrained
+from .io.loading import load_pretrained
+from .io.saving import save_pretrained
 from .io.processor import Processor
 from .kv_cache import KVCache
 from .skip import PRESETS, SkipConfig

@@ -142,6 +142,22 @@ def example_module(name: str = "generate"):
     return module
 
 
+def cli_error(main, argv, capsys) -> str:
+    """Run an example's main(argv) as its script does: a user's mistake must end it with exit
+    status 2 and one line on stderr, which is returned."""
+    run = example_module("cli").run_main
+    capsys.readouterr()
+    try:
+        run(main, argv)
+    except SystemExit as e:
+        code = e.code
+    else:
+        raise AssertionError(f"{argv} did not fail")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (code, err)
+    return err
+
+
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = ""):
     diff = (a.double() - b.double()).abs()
     worst = diff.max().item() if diff.numel() else 0.0

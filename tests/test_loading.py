@@ -12,12 +12,13 @@ from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import (assert_close, build_hf, example_module, hf_specs, llava_inputs,
+from helpers import (assert_close, build_hf, cli_error, example_module, hf_specs, llava_inputs,
                      ours_from_hf, randomize_)
-from skipvision import Llava, LlavaConfig, Processor, TextConfig, VisionConfig
+from skipvision import Llava, LlavaConfig, Processor, SkipConfig, TextConfig, VisionConfig
 from skipvision.errors import CheckpointError
 from skipvision.io.keys import LLAVA_PREFIXES, map_key
-from skipvision.io.loading import compact, load_pretrained, save_pretrained
+from skipvision.io.loading import compact, load_pretrained, load_skip_config
+from skipvision.io.saving import save_pretrained
 from skipvision.io.images import ImageProcessor
 from tiny_tokenizer import tiny_tokenizer
 
@@ -184,15 +185,17 @@ def test_save_writes_tokenizer_and_preprocessing_and_leaves_no_debris(tmp_path):
     assert back.image == processor.image
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def broken_save(directory):
+    def disk_full(path):
         raise OSError("disk full")
-    processor.save = broken_save  # a failure after the weights were written
-    with pytest.raises(OSError, match="disk full"):
-        save_pretrained(randomize_(Llava(cfg), 1), tmp_path, processor)
+    with pytest.raises(OSError, match="disk full"):  # a failure after the weights were written
+        save_pretrained(randomize_(Llava(cfg), 1), tmp_path, processor, files={"x": disk_full})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old one intact
-    (tmp_path / "pytorch_model.bin").write_bytes(b"old")
-    with pytest.raises(CheckpointError, match="another checkpoint's weights"):
-        save_pretrained(model, tmp_path, processor)
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # and nothing left beside it
+    (tmp_path / "pytorch_model.bin").write_bytes(b"stale")  # replaced as a whole: no stale file
+    save_pretrained(model, tmp_path, None, skip=SkipConfig(retained=2, skipped=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "model.safetensors", "skip_config.json"]
+    assert load_skip_config(tmp_path) == SkipConfig(retained=2, skipped=1)
 
 
 def test_dtype_and_device_are_applied(saved):
@@ -250,7 +253,8 @@ def test_generate_example_runs_on_a_local_checkpoint(tmp_path, capsys):
     assert report["answer"] == processor.decode(want.tokens[0, :int(want.lengths[0])])
     assert report["prompt_tokens"] == inputs["input_ids"].shape[1] and report["image_tokens"] == 16
     assert report["kv_bytes_saved"] == 0
-    (tmp_path / "ckpt" / "example.json").write_text(json.dumps({"image": "../img.png",
+    image.rename(tmp_path / "ckpt" / "img.png")
+    (tmp_path / "ckpt" / "example.json").write_text(json.dumps({"image": "img.png",
                                                                 "prompt": "What is it?"}))
     example.main(["--model", str(tmp_path / "ckpt"), "--max-new-tokens", "6", "--retained", "4",
                   "--skipped", "6", "--report", "json"])
@@ -262,11 +266,14 @@ def test_generate_example_runs_on_a_local_checkpoint(tmp_path, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in FLAGS), [f for f in FLAGS if f not in text]
-    with pytest.raises(SystemExit, match="does not exist or is not a file"):
-        example.main(["--model", str(tmp_path / "ckpt"), "--image", str(tmp_path / "no.png")])
+    err = cli_error(example.main, ["--model", str(tmp_path / "ckpt"), "--image",
+                                   str(tmp_path / "no.png")], capsys)
+    assert "does not exist or is not a file" in err
+    (tmp_path / "ckpt" / "example.json").write_text(json.dumps({"image": "../img.png"}))
+    assert "not a plain file name" in cli_error(example.main, ["--model", str(tmp_path / "ckpt")],
+                                                capsys)
     example.SHIPPED = tmp_path / "checkpoints" / "tiny-llava"  # not there: say so, and what to do
-    with pytest.raises(SystemExit, match="does not exist yet; pass --model"):
-        example.main([])
+    assert "does not exist yet; pass --model" in cli_error(example.main, [], capsys)
 
 
 @pytest.mark.slow

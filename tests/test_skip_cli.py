@@ -7,7 +7,7 @@ from PIL import Image
 
 from helpers import SHIPPED, example_module, randomize_
 from skipvision import Llava, LlavaConfig, Processor, TextConfig, VisionConfig, flops, generate
-from skipvision.io.loading import save_pretrained
+from skipvision.io.saving import save_pretrained
 from skipvision.io.images import ImageProcessor
 from skipvision.skip import PRESETS, SkipConfig
 from tiny_tokenizer import tiny_tokenizer

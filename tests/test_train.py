@@ -205,12 +205,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(dataset, tmp_path, m
     model, proc, data = setup(dataset)
     first = save_checkpoint(tmp_path, 1, model, proc, {"step": 1})
     files = {p.name: p.read_bytes() for p in first.iterdir()}
-    import skipvision.io.loading
+    import skipvision.io.saving
 
-    def broken(*a, **k):
-        (Path(a[1]) / "model.safetensors").write_bytes(b"half")
+    def broken(state, path, **k):
+        Path(path).write_bytes(b"half")
         raise OSError("disk full")
-    monkeypatch.setattr(skipvision.io.loading, "save_pretrained", broken)
+    monkeypatch.setattr(skipvision.io.saving, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 2, model, proc, {"step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000001"]

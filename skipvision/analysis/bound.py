@@ -159,9 +159,6 @@ class BoundReport:
     valid: torch.Tensor  # (B, T) bool, non-padding tokens
     sizes: list  # per row of rows(): (B, T) |a| + |b| of the two compared values (rounding)
 
-    def size(self) -> list:
-        return self.sizes
-
     def rows(self):
         """(name, measured, end_to_end, one_step, apriori) per layer, then the final rows."""
         out = [(str(i), self.measured[i], self.end_to_end[i], self.one_step[i], self.apriori[i])
@@ -173,13 +170,20 @@ class BoundReport:
         m, b = measured[self.valid], bound[self.valid]
         return torch.where(m > 0, m / b, 0).max().item() if m.numel() else 0.0
 
-    def violations(self, rtol: float = 1e-9, atol: float = 0.0) -> list[str]:
+    def violations(self, rtol: float = 1e-9, atol: float = 1e-12) -> list[str]:
         """Rows where a valid token's measured error exceeds a bound by more than float64
-        rounding: bound * (1 + rtol) + atol * (|a| + |b|), a and b the compared values."""
+        rounding, bound * (1 + rtol) + atol * (|a| + |b|) with a and b the compared values, or
+        where a measured error is NaN or inf or a bound NaN (never a pass; an infinite bound
+        holds, vacuously)."""
         bad = []
         for (name, m, e, o, a), size in zip(self.rows(), self.sizes):
             v = self.valid
             for what, b in (("end-to-end", e[v]), ("one-step", o[v]), ("a-priori", float(a))):
+                b = torch.as_tensor(b, dtype=m.dtype)
+                if not bool(torch.isfinite(m[v]).all()) or bool(b.isnan().any()):
+                    bad.append(f"row {name}: the measured error or the {what} bound is NaN "
+                               "or inf")
+                    continue
                 over = m[v] - b * (1 + rtol) - atol * size[v]
                 if bool((over > 0).any()):
                     bad.append(f"row {name}: measured exceeds the {what} bound by "

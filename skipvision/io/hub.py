@@ -32,7 +32,7 @@ from ..errors import CheckpointError
 
 META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
-              "processor_config.json", "chat_template.json"]
+              "processor_config.json", "chat_template.json", "skip_config.json"]
 SAFETENSORS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
 PICKLES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
 

@@ -6,32 +6,30 @@ headers alone (one error naming every missing, unexpected and mis-shaped key), t
 tensor once into its own memory and assign it (`load_state_dict(assign=True)`): the weights
 are never held twice. Tied embeddings are re-tied after assignment.
 
-`save_pretrained` writes the llava-hf layout (config.json, model.safetensors, tokenizer and
-preprocessor files) that this loader and `transformers` both read.
+`save_pretrained` (saving.py) writes the llava-hf layout that this loader and `transformers`
+both read.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
-import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from ..config import LlavaConfig
-from .hf_config import checkpoint_dtype, from_hf, from_original, is_original, to_hf
 from ..errors import CheckpointError
+from ..skip import SkipConfig
+from ..vlm import Llava
+from .hf_config import checkpoint_dtype, from_hf, from_original, is_original
 from .hub import fetch, in_folder, read_json, read_tensor, tensor_index, weight_files
 from .keys import CLIP_PREFIXES, LLAVA_PREFIXES, ORIGINAL_PREFIXES, is_ignored, map_key
 from .processor import Processor
-from ..vlm import Llava
+from .saving import LM_HEAD
 
-LM_HEAD, EMBED = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+EMBED = "language_model.model.embed_tokens.weight"
 DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                "bfloat16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16,
                "bf16": torch.bfloat16, "double": torch.float64, "float": torch.float32,
@@ -216,35 +214,12 @@ def compact(keys: list[str]) -> list[str]:
     return out
 
 
-def save_pretrained(model: Llava, directory, processor: Processor | None = None) -> Path:
-    """Write `model` (and the processor's tokenizer/preprocessing) in the llava-hf layout.
-
-    Everything is written to a temporary folder first and moved into place at the end, so a
-    failure leaves any earlier checkpoint in `directory` intact.
-    """
-    from safetensors.torch import save_file
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    stale = [p.name for p in directory.iterdir() if p.name.startswith("pytorch_model")
-             or p.name == "model.safetensors.index.json" or re.match(r"model-.*\.safetensors", p.name)]
-    if stale:
-        raise CheckpointError(f"{directory} holds another checkpoint's weights {stale}; save "
-                              "into an empty directory (or remove them)")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.text.tie_word_embeddings:
-        del state[LM_HEAD]
-    meta = [k for k, v in state.items() if v.is_meta]
-    if meta:
-        raise ValueError(f"cannot save parameters that were never loaded (meta): {meta[:5]}")
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+def load_skip_config(repo_id_or_dir, revision: str | None = None, **hub) -> SkipConfig | None:
+    """The Skip-Vision settings a checkpoint was saved with (skip_config.json), or None."""
+    path = in_folder(fetch(repo_id_or_dir, revision, weights=False, **hub), "skip_config.json")
+    if not path.is_file():
+        return None
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(to_hf(model.cfg, dtype), indent=2))
-        if processor is not None:
-            processor.save(tmp)
-        for p in tmp.iterdir():
-            os.replace(p, directory / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+        return SkipConfig.from_dict(read_json(path), str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None

@@ -137,17 +137,17 @@ class Processor:
         ids = [i for i in ids if i >= 0]  # image placeholders such as -200 are not text
         return self._tok().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def save(self, directory: Path):
-        """tokenizer.json (+ tokenizer_config.json) and preprocessor_config.json."""
-        directory = Path(directory)
+    def files(self) -> dict[str, str]:
+        """The processor's files of a checkpoint, by name: tokenizer.json and
+        tokenizer_config.json (with a tokenizer) and preprocessor_config.json."""
+        out = {"preprocessor_config.json": json.dumps(self.image.to_dict(), indent=2)}
         if self.tokenizer is not None:
-            self.tokenizer.save(str(directory / "tokenizer.json"))
+            out["tokenizer.json"] = self.tokenizer.to_str(pretty=True)
             t = self.cfg.text
             ids = {"bos_token": t.bos_token_id, "eos_token": (t.eos_ids or (None,))[0],
                    "pad_token": self.tokenizer.token_to_id("<pad>")}
             special = {role: self.tokenizer.id_to_token(i) for role, i in ids.items()
                        if i is not None and self.tokenizer.id_to_token(i) is not None}
-            (directory / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "PreTrainedTokenizerFast", **special}, indent=2))
-        (directory / "preprocessor_config.json").write_text(json.dumps(self.image.to_dict(),
-                                                                       indent=2))
+            out["tokenizer_config.json"] = json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", **special}, indent=2)
+        return out

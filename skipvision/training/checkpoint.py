@@ -4,9 +4,9 @@ A checkpoint is a folder `OUT/step-NNNNNNN/` in the llava-hf layout (`save_pretr
 config.json, model.safetensors with the `summary_scorer.*` keys when the model has them,
 tokenizer and preprocessor files), so `load_pretrained` reads it as a model, plus
 `trainer_state.pt` (optimizer, schedule, step, RNG; read back with `weights_only=True`) and
-`training.json` (the same facts for people). The folder is assembled under a temporary name
-and renamed into place; `OUT/latest` is a symlink replaced atomically after that. A crash at
-any moment therefore leaves the previous checkpoint, and `latest`, whole.
+`training.json` (the same facts for people). `save_pretrained` assembles the folder beside
+its place and swaps it in atomically; `OUT/latest` is a symlink replaced atomically after
+that. A crash at any moment therefore leaves the previous checkpoint, and `latest`, whole.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,31 +24,14 @@ STEP_DIR = re.compile(r"^step-(\d{7})$")
 def save_checkpoint(out_dir, step: int, model, processor, trainer_state: dict | None = None,
                     info: dict | None = None, keep_last: int = 0) -> Path:
     """Write OUT/step-NNNNNNN atomically, point OUT/latest at it, prune to `keep_last` (0: all)."""
-    from ..io.loading import save_pretrained
+    from ..io.saving import save_pretrained
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
-    try:
-        save_pretrained(model, tmp, processor)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
-        (tmp / "training.json").write_text(json.dumps({"step": step, **(info or {})}, indent=2))
-        _fsync_tree(tmp)
-        final = out / name
-        if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out
-            old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=out))
-            os.replace(final, old / name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    files = {"training.json": json.dumps({"step": step, **(info or {})}, indent=2)}
+    if trainer_state is not None:
+        files["trainer_state.pt"] = lambda path: torch.save(trainer_state, path)
+    save_pretrained(model, out / name, processor, files=files)
     link = out / f".latest-{os.getpid()}"
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -60,13 +42,6 @@ def save_checkpoint(out_dir, step: int, model, processor, trainer_state: dict | 
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
     return out / name
-
-
-def _fsync_tree(root: Path):
-    for p in root.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def checkpoints(out_dir) -> list[Path]:

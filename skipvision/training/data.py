@@ -77,6 +77,8 @@ def parse_line(text: str, root: Path) -> Record:
             raise ValueError(f"empty answer in turn {i + 1}")
         turns.append((q, a))
     image = obj.get("image")
+    if image is not None and not (isinstance(image, str) and image):
+        raise ValueError(f"'image' must be a file path, got {image!r:.60}")
     n_tags = sum(q.count("<image>") for q, _ in turns)
     if image is not None and (n_tags != 1 or "<image>" not in turns[0][0]):
         raise ValueError(f"with an image, the first question must hold one <image> "
@@ -94,8 +96,15 @@ def read_jsonl(path, image_root=None) -> tuple[list[Record], list[tuple[int, str
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     records, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
+    if not path.is_file():
+        raise DataError(path, [(0, "no such file")])
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append((n, f"not UTF-8 text (byte {e.start})"))
+                continue
             if not text.strip():
                 continue
             try:

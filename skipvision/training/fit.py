@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_trainer_state, resolve, save_checkpoint
+from ..errors import NonFiniteError
 from .data import DataError, evaluate
 from ..io.hf_config import from_hf
 from .train import StepStats, Trainer
@@ -154,7 +155,7 @@ def fit(trainer: Trainer, out_dir, processor, eval_data=None, eval_every: int = 
                               f"{result['eval']['by_type']}")
             if (save_every and n % save_every == 0) or n == end:
                 save()
-    except (DataError, KeyboardInterrupt):
+    except (DataError, NonFiniteError, KeyboardInterrupt):
         if trainer.step_count != saved and main:
             progress.note(f"stopping: saving the last completed step {trainer.step_count}")
             info = {"loss": None if last is None else last.loss, "stopped": True}

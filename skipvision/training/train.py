@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import NonFiniteError
 from .data import IGNORE, ConversationData, collate
 
 PARTS = {"vision_tower": "vision_tower.", "projector": "multi_modal_projector.",
@@ -236,14 +237,20 @@ class Trainer:
                 # DDP averages over processes; this scale makes the result the global mean
                 (loss_sum * (self.dist.world / max(n_labels, 1))).backward()
             total += loss_sum.detach().double()
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        loss = float(self.dist.all_sum(total)) / max(n_labels, 1)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        norm = float(nn.utils.clip_grad_norm_(self.params, clip))
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"step {self.step_count + 1}: the loss is {loss} and the gradient norm {norm}; "
+                f"the weights stay those of step {self.step_count} (lower the learning rate, "
+                "or check the data and the weights)")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        loss = float(self.dist.all_sum(total)) / max(n_labels, 1)
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         return StepStats(self.step_count, loss, lr, int(n_tokens), time.perf_counter() - t0)
