@@ -19,7 +19,9 @@ torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
 
 def pytest_configure(config):
     from bound_support import BoundSummary  # prints the error-bound summary when it has rows
+    from fuzz_support import FuzzSummary  # and the fuzz suites' case counts
     config.pluginmanager.register(BoundSummary(), "skipvision-bound-summary")
+    config.pluginmanager.register(FuzzSummary(), "skipvision-fuzz-summary")
 
 
 def pytest_collection_modifyitems(config, items):

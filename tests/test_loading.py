@@ -67,8 +67,8 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(saved, tmp_path):
     assert "missing (3):" in msg and "language_model.model.layers.1.mlp.up_proj.weight" in msg
     assert "vision_tower.vision_model.encoder.layers.{0-1}.layer_norm1.bias" in msg
     assert "unexpected (1):" in msg and "layers.0.self_attn.rotary_extra" in msg
-    assert ("mis-shaped (1):" in msg and "multi_modal_projector.linear_2.weight: checkpoint "
-            "[8, 7], model [8, 8]" in msg)
+    assert ("mis-shaped (1):" in msg and "multi_modal_projector.linear_2.weight (in "
+            "model.safetensors): checkpoint [8, 7], model [8, 8]" in msg)
 
 
 def test_config_from_another_model_does_not_fit(saved, tmp_path):

@@ -14,36 +14,8 @@ from skipvision import LlavaConfig, Processor, TextConfig, VisionConfig
 from skipvision.errors import InputError
 from skipvision.io.images import ImageProcessor, load_image, pad_to_square
 from skipvision.io.processor import TEMPLATES, VICUNA_SYSTEM
+from helpers import MODES, hf_image_processor, make_image
 from tiny_tokenizer import as_transformers, tiny_tokenizer
-
-MODES = ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "CMYK", "I;16", "1"]
-
-
-def make_image(mode: str, w: int, h: int, seed: int) -> Image.Image:
-    """A random image of `mode` and size w x h, pixels from a seeded generator."""
-    r = np.random.default_rng(seed)
-    u8 = lambda c: r.integers(0, 256, (h, w, c), dtype=np.uint8)  # noqa: E731
-    if mode in ("RGB", "RGBA", "LA"):
-        return Image.fromarray(u8({"RGB": 3, "RGBA": 4, "LA": 2}[mode]))
-    if mode == "L":
-        return Image.fromarray(u8(1)[..., 0])
-    if mode.startswith("P"):
-        im = Image.fromarray(u8(3)).quantize(colors=int(r.integers(2, 64)))
-        if mode.endswith("transparency"):
-            im.info["transparency"] = 0
-        return im
-    if mode == "CMYK":
-        return Image.frombytes("CMYK", (w, h), u8(4).tobytes())
-    if mode == "I;16":  # 16-bit: values above 255 saturate when PIL converts to RGB
-        return Image.fromarray(r.integers(0, int(r.choice([300, 65536])), (h, w), dtype=np.uint16))
-    return Image.fromarray(u8(1)[..., 0] > 127)  # mode "1"
-
-
-def hf_image_processor(size: int):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    return CLIPImageProcessorPil(size={"shortest_edge": size},
-                                 crop_size={"height": size, "width": size})
-
 
 @settings(max_examples=40)
 @given(mode=st.sampled_from(MODES), w=st.integers(1, 300), h=st.integers(1, 300),

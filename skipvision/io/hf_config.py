@@ -30,8 +30,10 @@ ORIGINAL_ASPECT = (None, "square", "pad")  # image_aspect_ratio values we implem
 
 
 def _fields(cls, d: dict) -> dict:
+    """The entries of `d` that are fields of `cls`; an explicit null stays (the dataclass
+    refuses it where the field is not optional: null is not "missing")."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names and v is not None}
+    return {k: v for k, v in d.items() if k in names}
 
 
 def _need(ok: bool, message: str):
@@ -56,8 +58,8 @@ def checkpoint_dtype(d: dict) -> str | None:
 
 
 def rope_from_hf(text: dict) -> RopeConfig:
-    params = (_object(text, "rope_parameters", "text_config.")
-              or _object(text, "rope_scaling", "text_config."))
+    new, old = (_object(text, k, "text_config.") for k in ("rope_parameters", "rope_scaling"))
+    params = new or old
     if "rope_type" in params or "rope_theta" in params or "type" in params:
         params = dict(params)
     else:  # per-layer-type dicts are not used by LLaMA

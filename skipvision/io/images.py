@@ -118,14 +118,17 @@ class ImageProcessor:
         for name, lo in (("crop", 1), ("mean", -1e9), ("std", 1e-9)):
             v = getattr(self, name)
             want = 2 if name == "crop" else 3
+            kinds = (int,) if name == "crop" else (int, float)
             ok = isinstance(v, (tuple, list)) and len(v) == want and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and lo <= x <= 1e9
-                for x in v)
+                isinstance(x, kinds) and not isinstance(x, bool) and lo <= x <= 1e9 for x in v)
             if not ok:
                 key = {"crop": "crop_size", "mean": "image_mean", "std": "image_std"}[name]
                 raise ConfigError(f"preprocessor_config.{key} must be {want} numbers >= {lo} "
                                   f"(one per {'side' if want == 2 else 'colour'}), got {v!r}")
-            object.__setattr__(self, name, tuple(int(x) if name == "crop" else float(x) for x in v))
+            object.__setattr__(self, name, tuple(x if name == "crop" else float(x) for x in v))
+        if self.do_resize and self.do_center_crop and min(self.crop) > self.size:
+            raise ConfigError(f"preprocessor_config.crop_size {list(self.crop)} is larger than "
+                              f"size {self.size}: no resized image could be cropped")
 
     @classmethod
     def from_dict(cls, d: dict, image_size: int, pad_to_square: bool = False):
@@ -135,7 +138,7 @@ class ImageProcessor:
             size = size.get("shortest_edge", size.get("height"))
         crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
         kw = {k: d[k] for k in ("rescale_factor", "resample", "do_resize", "do_center_crop",
-                                "do_rescale", "do_normalize") if d.get(k) is not None}
+                                "do_rescale", "do_normalize") if k in d}  # null is not missing
         return cls(size=size, crop=crop, mean=d.get("image_mean", CLIP_MEAN),
                    std=d.get("image_std", CLIP_STD), pad_to_square=pad_to_square, **kw)
 
@@ -168,7 +171,7 @@ class ImageProcessor:
                              "extreme); crop it first")
         if self.do_center_crop and (self.crop[0] > h or self.crop[1] > w):
             raise InputError(f"image is {w}x{h} after resizing, smaller than the crop "
-                             f"{self.crop[1]}x{self.crop[0]}")
+                             f"{self.crop[1]}x{self.crop[0]} (preprocessor crop_size)")
         return w, h
 
     def one(self, im: Image.Image) -> torch.Tensor:

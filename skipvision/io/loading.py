@@ -164,14 +164,16 @@ def _plan(model: Llava, sources, tied: bool, where: str) -> dict:
                 continue
             if name in plan and i > 0:
                 continue  # already given by the main checkpoint
+            where_ = info.file.name
             if name is None or name not in expected or name in plan:
-                unexpected.append(key)
+                unexpected.append(f"{key} (in {where_})")
             elif not info.dtype.is_floating_point:
-                misshaped.append(f"{key}: stored as {str(info.dtype).removeprefix('torch.')}, "
-                                 "but LLaVA weights are floating point")
+                misshaped.append(f"{key} (in {where_}): stored as "
+                                 f"{str(info.dtype).removeprefix('torch.')}, but LLaVA weights "
+                                 "are floating point")
                 bad.add(name)
             elif info.shape != expected[name]:
-                misshaped.append(f"{key}: checkpoint {list(info.shape)}, model "
+                misshaped.append(f"{key} (in {where_}): checkpoint {list(info.shape)}, model "
                                  f"{list(expected[name])}")
                 bad.add(name)
             else:

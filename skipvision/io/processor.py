@@ -59,6 +59,10 @@ class Processor:
             except Exception as e:  # the tokenizers library raises a bare Exception
                 raise CheckpointError(f"{path} is not a tokenizer the tokenizers library can "
                                       f"read: {e}") from None
+            vocab_id = tok.token_to_id(IMAGE)
+            if vocab_id is not None and cfg.image_token_id >= 0 and vocab_id != cfg.image_token_id:
+                raise CheckpointError(f"config.json says image_token_id {cfg.image_token_id} but "
+                                      f"{path} has {IMAGE} as id {vocab_id}; they must agree")
         else:
             hint = (f"{root} has no tokenizer.json (a sentencepiece tokenizer.model cannot be "
                     "read by the tokenizers library); pass tokenizer= a repo or directory with "
