@@ -8,6 +8,7 @@ fails the test. The counts of drawn cases per suite are printed at the end of th
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections import Counter
@@ -44,9 +45,15 @@ def tiny_model() -> tuple[Llava, Processor]:
                             num_attention_heads=2, image_size=8, patch_size=4),
         text=TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=8, intermediate_size=16,
                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                        max_position_embeddings=64, rms_norm_eps=1e-5),
+                        max_position_embeddings=256, rms_norm_eps=1e-5),
         image_token_id=tok.token_to_id("<image>"))
     return randomize_(Llava(cfg), 0).eval(), Processor(cfg, tok, ImageProcessor(8, (8, 8)))
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_model64() -> Llava:
+    """tiny_model's weights in float64, built once per process (the cases only read it)."""
+    return tiny_model()[0].double()
 
 
 def write_checkpoint(directory: Path) -> Path:

@@ -48,7 +48,10 @@ def _serve(conn, limit: int):
             out = Outcome("ok", fn(*args))
         except BaseException as e:  # noqa: BLE001 - every outcome goes back to the parent
             out = Outcome("error", None, type(e).__name__, str(e), traceback.format_exc())
-        conn.send(out)
+        try:
+            conn.send(out)
+        except Exception as e:  # noqa: BLE001 - a value that cannot be sent back
+            conn.send(Outcome("error", None, type(e).__name__, f"returning the value: {e}"))
 
 
 class Sandbox:

@@ -159,16 +159,18 @@ class ImageProcessor:
 
     def resized_size(self, w: int, h: int) -> tuple[int, int]:
         """(width, height) after padding and resizing an image of w x h, checked against the
-        memory bound and the crop before any pixel is touched."""
+        memory bounds and the crop before any pixel is touched."""
         if self.pad_to_square:
+            if max(w, h) ** 2 > MAX_PIXELS:
+                raise InputError(f"a {w}x{h} image padded to a square would be over "
+                                 f"{MAX_PIXELS} pixels (aspect ratio too extreme); crop it first")
             w = h = max(w, h)
         if self.do_resize:  # the shorter edge becomes `size`, the other keeps the aspect ratio
             w, h = ((self.size, int(self.size * h / w)) if w <= h else
                     (int(self.size * w / h), self.size))
-        if w * h > MAX_RESIZED:
-            raise InputError(f"an image of {w}x{h} pixels after {'padding and ' * self.pad_to_square}"
-                             f"resizing is over the limit of {MAX_RESIZED} (aspect ratio too "
-                             "extreme); crop it first")
+            if w * h > MAX_RESIZED:
+                raise InputError(f"the image would be {w}x{h} pixels after resizing, over the "
+                                 f"limit of {MAX_RESIZED} (aspect ratio too extreme); crop it first")
         if self.do_center_crop and (self.crop[0] > h or self.crop[1] > w):
             raise InputError(f"image is {w}x{h} after resizing, smaller than the crop "
                              f"{self.crop[1]}x{self.crop[0]} (preprocessor crop_size)")

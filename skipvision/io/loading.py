@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import LlavaConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..skip import SkipConfig
 from ..vlm import Llava
 from .hf_config import checkpoint_dtype, from_hf, from_original, is_original
@@ -94,7 +94,7 @@ def torch_dtype(dtype) -> torch.dtype | None:
         return None if dtype == "auto" else dtype
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)}")
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)}")
     return DTYPE_NAMES[name]
 
 
