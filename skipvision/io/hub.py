@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .saving import recover
 
 META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
@@ -53,6 +54,7 @@ def fetch(repo_or_dir, revision: str | None = None, *, weights: bool = True, tok
     """
     name = str(repo_or_dir)
     path = Path(os.path.expanduser(name))
+    recover(path)  # a local checkpoint caught in the middle of a killed save_pretrained
     if path.is_dir():
         if revision is not None:
             raise CheckpointError(f"{name!r} is a local directory; `revision` ({revision!r}) "

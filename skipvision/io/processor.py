@@ -59,10 +59,10 @@ class Processor:
             except Exception as e:  # the tokenizers library raises a bare Exception
                 raise CheckpointError(f"{path} is not a tokenizer the tokenizers library can "
                                       f"read: {e}") from None
-            vocab_id = tok.token_to_id(IMAGE)
-            if vocab_id is not None and cfg.image_token_id >= 0 and vocab_id != cfg.image_token_id:
-                raise CheckpointError(f"config.json says image_token_id {cfg.image_token_id} but "
-                                      f"{path} has {IMAGE} as id {vocab_id}; they must agree")
+            other = tok.id_to_token(cfg.image_token_id) if cfg.image_token_id >= 0 else None
+            if other not in (None, IMAGE):  # text with that token would be read as an image
+                raise CheckpointError(f"config.json's image_token_id {cfg.image_token_id} is "
+                                      f"{other!r} in {path}, not {IMAGE}; they must agree")
         else:
             hint = (f"{root} has no tokenizer.json (a sentencepiece tokenizer.model cannot be "
                     "read by the tokenizers library); pass tokenizer= a repo or directory with "

@@ -4,7 +4,8 @@
 disk, then swaps it with the target in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`;
 elsewhere two renames). Until the swap the old checkpoint loads; after it, the new one; never
 a mix. The swapped-out old folder is then deleted; if the process dies first, or dies while
-writing, the leftover sibling is recognised and cleared by the next save. The target ends up
+writing, the leftover sibling is recognised and cleared by the next save (and a checkpoint
+caught between the two renames is moved back by the next save or load). The target ends up
 holding exactly the files written: config.json, model.safetensors, the processor's files,
 skip_config.json when Skip-Vision settings are given, and any `files` passed.
 
@@ -104,17 +105,27 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def recover(directory: Path) -> bool:
+    """If a save of `directory` was killed between its two renames (where no atomic exchange
+    exists), move the old checkpoint back into place; True if it did."""
+    if directory.exists() or not directory.parent.is_dir():
+        return False
+    for p in sorted(directory.parent.glob(f".{directory.name}.old-*")):
+        if (p / "old").is_dir():
+            os.rename(p / "old", directory)
+            return True
+    return False
+
+
 def clear_leftovers(directory: Path) -> None:
-    """Remove what killed saves of `directory` left beside it: `.NAME.saving-*` folders, and
-    `.NAME.old-*` (moved back first if the target itself is missing)."""
+    """Remove what killed saves of `directory` left beside it (`.NAME.saving-*` and
+    `.NAME.old-*` folders), after recovering the old checkpoint if it is not in place."""
+    recover(directory)
     if not directory.parent.is_dir():
         return
-    for p in sorted(directory.parent.glob(f".{directory.name}.old-*")):
-        if not directory.exists() and (p / "old").is_dir():
-            os.rename(p / "old", directory)  # died between the two renames: restore
-        shutil.rmtree(p, ignore_errors=True)
-    for p in directory.parent.glob(f".{directory.name}.saving-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for p in directory.parent.glob(f".{directory.name}.*-*"):
+        if p.name.startswith((f".{directory.name}.saving-", f".{directory.name}.old-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _check_replaceable(directory: Path) -> None:
