@@ -215,7 +215,11 @@ def parse_args(argv=None):
     p.add_argument("--decode", type=int, default=0, help="Skip-KV: decode tokens (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bound.png", help="PNG path (default: bound.png)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for flag in ("retained", "skipped", "decode", "seed"):
+        if (getattr(a, flag) or 0) < 0:
+            p.error(f"--{flag} must be >= 0")
+    return a
 
 
 def main(argv=None):

@@ -130,3 +130,33 @@ def test_train_script_with_drawn_flags(box, files, data, tmp_path):
     base = ["--model", str(files / "ckpt"), "--out", str(tmp_path / "run"), "--steps", "1",
             "--batch-size", "2", "--eval-every", "1"]
     check("train.py flags", box(cli_case, "train", base + argv), False)
+
+
+def parse_case(script: str, argv: list[str]):
+    """Only the script's flag checks (its run is minutes long): exit code and stderr."""
+    module, err, code = example_module(script), io.StringIO(), 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            module.parse_args(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return ("exited", code, "", err.getvalue())
+
+
+OTHER_POOLS = {
+    "benchmark": {"--size": ["cpu", "x"], "--layers": ["1", "0", "-2", "x"],
+                  "--dtype": ["float32", "x"], "--threads": ["1", "0"],
+                  "--preset": ["sv-llava-100-156", "64/156", "64/", "x/y", ""],
+                  "--sweep": ["64/156,100/156", "bogus"], "--text": ["0", "-1"],
+                  "--batch": ["1", "0"], "--new-tokens": ["1", "0"], "--repeats": ["1", "0"],
+                  "--skip-parts": ["train,hf", "tarin", ""], "--bogus": [None]},
+    "check_bound": {"--smollm2": [None], "--model": ["x"], "--visual": ["random", "x"],
+                    "--retained": ["1", "-1", "x"], "--skipped": ["2", "-3"],
+                    "--decode": ["0", "2", "-1"], "--seed": ["0", "-1"], "--bogus": [None]}}
+
+
+@fuzz(100)
+@given(script=st.sampled_from(sorted(OTHER_POOLS)), data=st.data())
+def test_benchmark_and_check_bound_flags(box, script, data):
+    argv = data.draw(flags(OTHER_POOLS[script]), label="argv")
+    check("benchmark.py / check_bound.py flags", box(parse_case, script, argv), False)

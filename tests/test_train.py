@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from helpers import ROOT, example_module
 from skipvision import LlavaConfig, TextConfig, VisionConfig, to_hf
+from skipvision.errors import NonFiniteError
 from skipvision.training.checkpoint import checkpoints, resolve, save_checkpoint
 from skipvision.training.data import IGNORE, DataError, collate, load_conversations
 from skipvision.training.fit import build_model, fit, with_summary_scorer
@@ -264,3 +265,16 @@ def test_bf16_autocast_step_on_cuda(dataset):
     losses = [tr.step().loss for _ in range(2)]
     assert all(math.isfinite(x) for x in losses)
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_nan_loss_stops_before_the_optimizer_step(dataset, tmp_path):
+    model, proc, data = setup(dataset)
+    with torch.no_grad():
+        model.language_model.lm_head.weight[3, 0] = math.nan  # every logit row reads it
+    before = weights(model)
+    tr = Trainer(model, data, TrainConfig(steps=3, batch_size=4), pad_id=proc.pad_token_id)
+    with pytest.raises(NonFiniteError, match="step 1: the loss is nan"):
+        fit(tr, tmp_path / "run", proc)
+    after = weights(model)
+    assert all(torch.equal(before[k], after[k]) or k.endswith("lm_head.weight") for k in after)
+    assert tr.step_count == 0 and not checkpoints(tmp_path / "run")  # nothing trained, saved

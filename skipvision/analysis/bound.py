@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .bound_lemmas import (AttnStats, FfnStats, LayerStats, apriori_constants, head_bound,
                            head_norms, layer_step, weight_norms)
+from ..errors import InputError
 from ..kv_cache import FOREVER
 from ..llama import apply_rope, attention_mask, rope_cos_sin
 
@@ -112,7 +113,7 @@ def skip_masks(skip, n_layers: int, B: int, T: int) -> list[torch.Tensor]:
     if skip is None or isinstance(skip, torch.Tensor):
         skip = [skip] * n_layers
     if len(skip) != n_layers:
-        raise ValueError(f"skip has {len(skip)} entries for a model with {n_layers} layers")
+        raise InputError(f"skip has {len(skip)} entries for a model with {n_layers} layers")
     out = []
     for i, m in enumerate(skip):
         if m is None:
@@ -120,7 +121,7 @@ def skip_masks(skip, n_layers: int, B: int, T: int) -> list[torch.Tensor]:
         elif m.dtype != torch.bool:  # ffn_rows: flat indices of the rows that keep the FFN
             m = torch.ones(B * T, dtype=torch.bool).index_fill(0, m.cpu(), False).view(B, T)
         if m.shape != (B, T):
-            raise ValueError(f"skip mask of layer {i} has shape {tuple(m.shape)}, need {(B, T)}")
+            raise InputError(f"skip mask of layer {i} has shape {tuple(m.shape)}, need {(B, T)}")
         out.append(m.cpu())
     return out
 
@@ -229,7 +230,7 @@ def compare(model, embeds, pos, horizon=None, horizon_new=None, skip_ref=None,
     cfg, L = lm.cfg, len(lm.layers)
     B, T, _ = embeds.shape
     if pos.shape != (B, T):
-        raise ValueError(f"pos has shape {tuple(pos.shape)}, embeds {tuple(embeds.shape)}")
+        raise InputError(f"pos has shape {tuple(pos.shape)}, embeds {tuple(embeds.shape)}")
     horizon = torch.full_like(pos, FOREVER) if horizon is None else horizon
     horizon_new = horizon if horizon_new is None else horizon_new
     sr, sn = skip_masks(skip_ref, L, B, T), skip_masks(skip_new, L, B, T)
@@ -287,12 +288,12 @@ def skip_kv_bound(model, embeds, pos, evicted, n_decode: int, horizon=None, skip
     B, T = pos.shape
     P = T - n_decode
     if not 0 < P < T:
-        raise ValueError(f"n_decode must be in 1..{T - 1} for {T} tokens, got {n_decode}")
+        raise InputError(f"n_decode must be in 1..{T - 1} for {T} tokens, got {n_decode}")
     if evicted.shape != (B, T) or evicted[:, P:].any():
-        raise ValueError("evicted must be a (B, T) bool mask over the prefill tokens only")
+        raise InputError("evicted must be a (B, T) bool mask over the prefill tokens only")
     last = pos[:, :P].amax(1, keepdim=True)
     if (pos[:, P:] <= last).any():
-        raise ValueError("decode positions must come after every prefill position")
+        raise InputError("decode positions must come after every prefill position")
     horizon = torch.full_like(pos, FOREVER) if horizon is None else horizon
     horizon_new = torch.where(evicted, torch.minimum(horizon, last), horizon)
     return compare(model, embeds, pos, horizon, horizon_new, skipped, skipped, norms)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LlavaConfig, TextConfig
+from ..errors import InputError
 from ..skip import PRESETS, SkipConfig
 
 
@@ -68,7 +69,7 @@ def geometry(cfg: LlavaConfig, text: int | Sequence[int], images: int | Sequence
     text = _per_row(text, 1) if isinstance(text, int) else tuple(text)
     images = _per_row(images, len(text))
     if len(images) != len(text):
-        raise ValueError(f"{len(text)} rows of text but {len(images)} rows of images")
+        raise InputError(f"{len(text)} rows of text but {len(images)} rows of images")
     n, L = cfg.image_seq_length, cfg.text.num_hidden_layers
     if skip is None:
         per_image, n_skipped = n, (0,) * len(text)

