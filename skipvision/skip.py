@@ -134,7 +134,8 @@ class Layout:
 
 
 class SummaryScorer(nn.Module):
-    """LayerNorm(C) then Linear(C, 1): a score per token for softmax pooling (paper: summary tokens)."""
+    """LayerNorm(C) then Linear(C, 1): a score per token for softmax pooling (paper: summary
+    tokens)."""
 
     def __init__(self, dim: int):
         super().__init__()

@@ -31,3 +31,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def box():
+    """A sandbox (tests/sandbox.py) for the fuzz suites' cases, one per test module."""
+    from sandbox import Sandbox
+    sandbox = Sandbox()
+    yield sandbox
+    sandbox.close()

@@ -12,16 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from fuzz_support import (expect, fresh_copy, fuzz, hf_processor_case, library_case, load_case,
                           processor_case, transformers_case, write_checkpoint)
-from sandbox import Sandbox
 
 pytestmark = pytest.mark.fuzz
-
-
-@pytest.fixture(scope="module")
-def box():
-    sandbox = Sandbox()
-    yield sandbox
-    sandbox.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,8 @@ from hypothesis import given, strategies as st
 
 from fuzz_support import COUNTS, OUTCOMES, fuzz, write_checkpoint
 from helpers import example_module
-from sandbox import Sandbox
 
 pytestmark = pytest.mark.fuzz
-
-
-@pytest.fixture(scope="module")
-def box():
-    sandbox = Sandbox()
-    yield sandbox
-    sandbox.close()
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,6 @@ from skipvision.io.images import ImageProcessor
 pytestmark = pytest.mark.fuzz
 
 
-@pytest.fixture(scope="module")
-def box():
-    sandbox = Sandbox()
-    yield sandbox
-    sandbox.close()
-
-
 # ------------------------------------------------------------ images
 def forged_png(w: int, h: int) -> bytes:
     """A PNG whose header claims w x h, with one row of data: decoding must not trust it."""

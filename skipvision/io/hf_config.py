@@ -98,7 +98,8 @@ def from_hf(d: dict) -> LlavaConfig:
     if text.get("pad_token_id") is None and d.get("pad_token_id") is not None:
         text["pad_token_id"] = d["pad_token_id"]  # llava-1.5-7b-hf keeps it at the top level
     kw = {}
-    for ours, theirs in [("image_token_id", "image_token_id"), ("image_token_id", "image_token_index"),
+    for ours, theirs in [("image_token_id", "image_token_id"),
+                         ("image_token_id", "image_token_index"),
                          ("vision_feature_layer", "vision_feature_layer"),
                          ("vision_feature_select_strategy", "vision_feature_select_strategy"),
                          ("projector_hidden_act", "projector_hidden_act"),
