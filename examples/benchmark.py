@@ -39,6 +39,7 @@ from benchmark_cases import (DTYPES, SIZES, adamw, build, decode_case, hf_decode
                              hf_twin, kv_bytes, lm_prefill_case, prompt, train_case)
 
 PARTS = ("train", "hf", "sweep", "memory")  # what --skip-parts may leave out
+LLAVA_15 = [k for k, v in PRESETS.items() if v.retain == "cls_attention"]  # not the HD ones
 
 
 def parse_args(argv=None):
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="sv-llava-100-156",
                    help="Skip-Vision setting for the detailed comparison: a preset name "
                         f"({', '.join(PRESETS)}) or R/S (default: sv-llava-100-156)")
-    p.add_argument("--sweep", default=",".join(PRESETS),
+    p.add_argument("--sweep", default=",".join(LLAVA_15),
                    help="comma-separated settings for the N_r/N_s plot (default: all presets)")
     p.add_argument("--text", type=int, default=64, help="text tokens in the prompt, around the "
                    "image (default: 64, a LLaVA-1.5 system prompt + question)")
@@ -97,7 +98,7 @@ def paper_ratios(texts=(0, 16, 32, 64)) -> dict:
         text, vision = SIZES[lm]
         cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text))
         out[lm] = {name: {t: flops.compare(cfg, t, 1, skip)["prefill"]["ratio"] for t in texts}
-                   for name, skip in PRESETS.items()}
+                   for name, skip in PRESETS.items() if name in LLAVA_15}
     return out
 
 

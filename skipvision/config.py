@@ -170,6 +170,7 @@ class LlavaConfig:
     projector_hidden_act: str = "gelu"  # exact (erf) GELU
     multimodal_projector_bias: bool = True
     summary_scorer: bool = False  # the Skip-Vision summary-token scorer exists (paper)
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT: (H, W)s
 
     def __post_init__(self):
         _check(isinstance(self.vision, VisionConfig) and isinstance(self.text, TextConfig),
@@ -179,6 +180,16 @@ class LlavaConfig:
             vision_feature_select_strategy=("str", ("default", "full")),
             projector_hidden_act=("str", ACTIVATIONS), multimodal_projector_bias=("bool", ()),
             summary_scorer=("bool", ())))
+        grid, S = self.image_grid_pinpoints, self.vision.image_size
+        if grid is not None:  # LLaVA-NeXT: candidate resolutions, whole tiles of the tower's size
+            _check(isinstance(grid, (list, tuple)) and len(grid) > 0 and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(
+                    type(v) is int and 0 < v <= 1 << 14 and v % S == 0 for v in p) for p in grid),
+                f"image_grid_pinpoints must be a list of [height, width] pairs, multiples of the "
+                f"vision image_size {S}, got {grid!r}")
+            object.__setattr__(self, "image_grid_pinpoints", tuple(tuple(p) for p in grid))
+            _check(self.vision_feature_select_strategy == "default", "LLaVA-NeXT packs the "
+                   "patch features of its tiles: vision_feature_select_strategy must be 'default'")
         layers = self.vision_feature_layer
         if isinstance(layers, list):
             object.__setattr__(self, "vision_feature_layer", layers := tuple(layers))

@@ -39,14 +39,27 @@ from .kv_cache import left_pad, slots
 PAD, TEXT, RETAINED, SUMMARY, SKIPPED = -1, 0, 1, 2, 3  # Layout.kind values
 
 
-def by_cls_attention(cls_attention: torch.Tensor, n: int) -> torch.Tensor:
-    """(I, N) CLS attention -> (I, n) indices of the n most attended tokens, raster order
-    (ties: the earlier token). Skip-Vision's split for LLaVA-1.5 (paper, Sec. 3)."""
-    rank = torch.argsort(cls_attention, dim=-1, descending=True, stable=True)
+def by_cls_attention(images, idx: list[int], n: int) -> torch.Tensor:
+    """The n tokens of each image idx[j] the CLS token attends to most, raster order (ties:
+    the earlier token); Skip-Vision's split for LLaVA-1.5 (paper, Sec. 3). (G, n)"""
+    scores = torch.stack([images.cls_attention[i] for i in idx])  # (G, N)
+    rank = torch.argsort(scores, dim=-1, descending=True, stable=True)
     return rank[:, :n].sort(-1).values
 
 
-RETAIN = {"cls_attention": by_cls_attention}  # SkipConfig.retain -> policy
+def thumbnail(images, idx: list[int], n: int) -> torch.Tensor:
+    """The base image's tokens, which come first (SV-LLaVA-HD: the thumbnail is retained, the
+    tiles are merged); LLaVA-NeXT only. (G, n)"""
+    if images.part is None:
+        raise ConfigError("retain='thumbnail' needs LLaVA-NeXT's tiled images")
+    base = int((images.part[idx[0]] == 0).sum())
+    if n != base:
+        raise ConfigError(f"retain='thumbnail' keeps the {base} tokens of the base image: "
+                          f"set retained={base}, not {n}")
+    return torch.arange(n, device=images.row.device).expand(len(idx), n)
+
+
+RETAIN = {"cls_attention": by_cls_attention, "thumbnail": thumbnail}  # SkipConfig.retain
 
 
 @dataclass(frozen=True)
@@ -77,41 +90,28 @@ class SkipConfig:
             raise ConfigError("summary tokens pool the retained and the skipped tokens: they "
                               "need retained >= 1 and skipped >= 1 (or set summary=False)")
 
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "skip_config.json") -> "SkipConfig":
-        """From a dict such as skip_config.json's; unknown keys are an error, not ignored."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"{where} must hold an object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**d)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-
-    def check(self, n_image_tokens: int, n_layers: int) -> None:
-        """Raise if these settings do not fit a model with this geometry."""
-        if self.retained + self.skipped > n_image_tokens:
-            raise ConfigError(f"retained + skipped = {self.retained} + {self.skipped} exceeds the "
-                             f"{n_image_tokens} tokens per image of this model; lower them")
+    def check(self, n_image_tokens: int, n_layers: int, tiled: bool = False) -> None:
+        """Raise if these settings do not fit a model with this geometry. An image of LLaVA-1.5
+        must hold N_r + N_s tokens; a tiled (LLaVA-NeXT) image N_r, the rest merged to at most
+        N_s."""
+        need = self.retained + (int(self.summary) if tiled else self.skipped)
+        if need > n_image_tokens:
+            raise ConfigError(f"retained{' + summary' if tiled else ' + skipped'} = {need} "
+                              f"exceeds the {n_image_tokens} tokens of an image; lower it")
         bad = [i for i in self.layers or () if not 0 <= i < n_layers]
         if bad:
             raise ConfigError(f"Skip-FFN layers {bad} do not exist; the decoder has layers "
-                             f"0..{n_layers - 1}")
+                              f"0..{n_layers - 1}")
 
     def ffn_layers(self, n_layers: int) -> tuple[int, ...]:
         return tuple(range(n_layers)) if self.layers is None else self.layers
-
-    def replace(self, **changes) -> "SkipConfig":
-        return dataclasses.replace(self, **changes)
 
 
 PRESETS = {  # (N_r, N_s) settings reported in the paper
     "sv-llava-100-156": SkipConfig(retained=100, skipped=156),
     "sv-llava-256-320": SkipConfig(retained=256, skipped=320),
     "llava-1.5-64-156": SkipConfig(retained=64, skipped=156),
+    "sv-llava-hd-576-576": SkipConfig(retained=576, skipped=576, retain="thumbnail"),  # HD
 }
 
 
@@ -121,16 +121,11 @@ class Layout:
     kind: torch.Tensor  # (B, T) PAD / TEXT / RETAINED / SUMMARY / SKIPPED
     index: torch.Tensor  # (B, T) the plain input's flat (B*T0) row a token copies; -1 if made here
     image: torch.Tensor  # (B, T) image of image-derived tokens, else -1
-    dest: torch.Tensor  # (I, N) column each image token ended up in (-1: dropped, N_s = 0)
+    dest: list  # per image (N_i,): the column each of its tokens went to (-1: dropped)
 
     @property
     def is_skipped(self) -> torch.Tensor:
         return self.kind == SKIPPED
-
-    def take_text(self, values: torch.Tensor, fill) -> torch.Tensor:
-        """Per-token values of the plain (B, T0) prompt, moved onto the arranged text tokens."""
-        out = values.flatten()[self.index.clamp(min=0)]
-        return out.masked_fill(self.kind != TEXT, fill)
 
 
 class SummaryScorer(nn.Module):
@@ -204,82 +199,96 @@ def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_lay
         raise InputError("position_ids cannot be combined with Skip-Vision: positions are "
                          "recomputed over the arranged sequence")
     B, T, C = plain.embeds.shape
-    I, N = images.cols.shape
-    skip.check(N, n_layers)
-    # per image: the split (a policy), the merge and the summary tokens
     flat = plain.embeds.flatten(0, 1)  # (B*T, C)
-    keep = RETAIN[skip.retain](images.cls_attention, skip.retained) if I else images.cols[:, :0]
-    rest = complement(keep, N)  # (I, M) merge candidates, raster order
-    base = images.row[:, None] * T  # (I, 1): flat row where each image's batch row starts
-    keep_rows = base + images.cols.gather(1, keep)  # (I, N_r) flat plain rows
-    merged, _, slot = merge(flat[base + images.cols.gather(1, rest)], skip.skipped,
-                            skip.merge_order)  # (I, N_s, C)
-    made, q = [merged], int(skip.summary)
-    if skip.summary:
-        q1, q2 = summary_pool(flat[keep_rows], scorer), summary_pool(merged, scorer)  # (I, C)
-        made = [q1[:, None], merged, q2[:, None]]
-    made = torch.cat(made, 1)  # (I, E, C): rows made here, after the B*T plain rows
-    made_rows = B * T + torch.arange(made[..., 0].numel(), device=flat.device)
-    made_rows = made_rows.view(made.shape[:2])  # (I, E)
-    kinds = [RETAINED] * skip.retained + [SUMMARY] * q + [SKIPPED] * skip.skipped + [SUMMARY] * q
-    segment = torch.cat([keep_rows, made_rows], 1)  # (I, N_r + E): an image's rows, in order
+    made, segments, kinds, dests = _images(flat, T, images, skip, scorer, n_layers)
     # per batch row: text where it was, each image's segment in place of its tokens
-    index, kind, image = _rows(plain.attention_mask, images, segment,
-                               torch.tensor(kinds, device=flat.device))
-    pad_row = made_rows.numel() + B * T
+    index, kind, image = _rows(plain.attention_mask, images, segments, kinds)
+    pad_row = B * T + len(made)
     index, valid = left_pad(index, pad_row)
     kind, image = left_pad(kind, PAD)[0], left_pad(image, -1)[0]
-    table = torch.cat([flat, made.flatten(0, 1), flat.new_zeros(1, C)])  # (pad_row + 1, C)
+    table = torch.cat([flat, made, flat.new_zeros(1, C)])  # (pad_row + 1, C)
     embeds = table.index_select(0, index.flatten()).view(*index.shape, C)  # (B, T', C)
     # positions run over the arranged sequence; the consistent mask hides skipped tokens
     pos, horizon = slots(valid)
-    if skip.mask == "consistent" and I:  # seen only up to their image's last token
+    if skip.mask == "consistent" and segments:  # seen only up to their image's last token
         sel = image >= 0
-        last = torch.full((I,), -1, dtype=torch.long, device=pos.device).scatter_reduce(
-            0, image[sel], pos[sel], "amax")
+        last = torch.full((len(segments),), -1, dtype=torch.long, device=pos.device)
+        last = last.scatter_reduce(0, image[sel], pos[sel], "amax")
         horizon = torch.where(kind == SKIPPED, last[image.clamp(min=0)], horizon)
-    joined = made_rows[:, q:q + skip.skipped]  # (I, N_s) -> (I, M): the row each token joined
-    joined = joined.gather(1, slot) if skip.skipped else joined
-    dest = _dest(index, valid, pad_row + 1, keep, rest, keep_rows, joined)
-    layout = Layout(kind, index.masked_fill(index >= B * T, -1), image, dest)
+    col = torch.full((pad_row + 1,), -1, device=pos.device)  # arranged column of a table row
+    col[index[valid]] = valid.nonzero()[:, 1]
+    layout = Layout(kind, index.masked_fill(index >= B * T, -1), image,
+                    [_dest(col, *d) for d in dests])
     return dataclasses.replace(plain, embeds=embeds, pos=pos, horizon=horizon,
                                attention_mask=valid, layout=layout,
                                ffn_rows=ffn_rows(layout.is_skipped, skip, n_layers))
 
 
-def _dest(index, valid, n_rows, keep, rest, keep_rows, joined_rows):
-    """(I, N): the arranged column each image token went to: its own if retained, that of the
-    merged token it joined otherwise (-1 when N_s = 0 and it was dropped; `joined_rows` is
-    then empty)."""
-    col = torch.full((n_rows,), -1, device=index.device)  # arranged column of a table row
-    col[index[valid]] = valid.nonzero()[:, 1]
-    dest = torch.full((keep.shape[0], keep.shape[1] + rest.shape[1]), -1, device=index.device)
-    dest.scatter_(1, keep, col[keep_rows])
-    if joined_rows.shape[1]:
-        dest.scatter_(1, rest, col[joined_rows])
-    return dest
+def _images(flat, T, images, skip, scorer, n_layers):
+    """Per image: split (a policy), merge and summary tokens, batched over images with the
+    same number of tokens. Returns the rows made (E, C), and per image the table rows of its
+    segment (plain rows first, then B*T + made rows), their kinds, and where its tokens went."""
+    I, q, made = len(images.cols), int(skip.summary), []
+    segments, kinds, dests = [None] * I, [None] * I, [None] * I
+    for N in sorted({len(c) for c in images.cols}):
+        idx = [i for i, c in enumerate(images.cols) if len(c) == N]
+        skip.check(N, n_layers, tiled=images.part is not None)
+        cols = torch.stack([images.cols[i] for i in idx])  # (G, N)
+        keep = RETAIN[skip.retain](images, idx, skip.retained)  # (G, N_r)
+        rest = complement(keep, N)  # (G, M) merge candidates, raster order
+        base = images.row[idx][:, None] * T  # (G, 1): flat row where each batch row starts
+        keep_rows = base + cols.gather(1, keep)  # (G, N_r) flat plain rows
+        n_s = min(skip.skipped, rest.shape[1])
+        merged, _, slot = merge(flat[base + cols.gather(1, rest)], n_s, skip.merge_order)
+        group = [merged]  # (G, N_s, C)
+        if skip.summary:
+            q1, q2 = summary_pool(flat[keep_rows], scorer), summary_pool(merged, scorer)
+            group = [q1[:, None], merged, q2[:, None]]
+        group = torch.cat(group, 1)  # (G, E, C)
+        rows = len(flat) + sum(map(len, made)) + torch.arange(  # (G, E) made rows, in the table
+            group[..., 0].numel(), device=flat.device).view(group.shape[:2])
+        made.append(group.flatten(0, 1))
+        kind = torch.tensor([RETAINED] * skip.retained + [SUMMARY] * q + [SKIPPED] * n_s
+                            + [SUMMARY] * q, device=flat.device)
+        joined = rows[:, q:q + n_s]  # (G, N_s) -> (G, M): the row each candidate joined
+        joined = joined.gather(1, slot) if n_s else joined
+        for j, i in enumerate(idx):
+            segments[i], kinds[i] = torch.cat([keep_rows[j], rows[j]]), kind
+            dests[i] = (N, keep[j], rest[j], keep_rows[j], joined[j])
+    return torch.cat([flat[:0], *made]), segments, kinds, dests
 
 
-def _rows(mask, images, segment, seg_kind):
+def _rows(mask, images, segments, kinds):
     """Per batch row: the table rows, kinds and image numbers of the arranged sequence."""
     B, T = mask.shape
-    dev = mask.device
-    cursor = (~mask).sum(1).tolist()  # first real column of each row (left padding)
-    text = lambda b, end: (b * T + torch.arange(cursor[b], end, device=dev))
-    out = [[[], [], []] for _ in range(B)]
-    for i, (b, start, end) in enumerate(zip(images.row.tolist(), images.cols[:, 0].tolist(),
-                                            images.cols[:, -1].tolist())):
-        t = text(b, start)
-        out[b][0] += [t, segment[i]]
-        out[b][1] += [torch.full_like(t, TEXT), seg_kind]
-        out[b][2] += [torch.full_like(t, -1), torch.full_like(seg_kind, i)]
-        cursor[b] = end + 1
+    start = (~mask).sum(1).tolist()  # first real column of each row (left padding)
+    out = [([], [], []) for _ in range(B)]
+
+    def add(b, end, image=None):  # the row's text up to column `end`, then an image
+        text = b * T + torch.arange(start[b], end, device=mask.device)
+        pieces = [(text, torch.full_like(text, TEXT), torch.full_like(text, -1))]
+        if image is not None:
+            pieces.append((segments[image], kinds[image], torch.full_like(kinds[image], image)))
+        for piece in pieces:
+            for part, x in zip(out[b], piece):
+                part.append(x)
+
+    for i, (b, cols) in enumerate(zip(images.row.tolist(), images.cols)):
+        add(b, int(cols[0]), i)
+        start[b] = int(cols[-1]) + 1
     for b in range(B):
-        t = text(b, T)
-        out[b][0].append(t)
-        out[b][1].append(torch.full_like(t, TEXT))
-        out[b][2].append(torch.full_like(t, -1))
+        add(b, T)
     return ([torch.cat(r[j]) for r in out] for j in range(3))
+
+
+def _dest(col, n, keep, rest, keep_rows, joined_rows):
+    """(N,): the arranged column (`col` of its table row) each of an image's tokens went to:
+    its own if retained, its merged token's otherwise, -1 if dropped (N_s = 0)."""
+    dest = torch.full((n,), -1, dtype=torch.long, device=col.device)
+    dest[keep] = col[keep_rows]
+    if len(joined_rows):
+        dest[rest] = col[joined_rows]
+    return dest
 
 
 def ffn_rows(is_skipped: torch.Tensor, skip: SkipConfig, n_layers: int) -> list | None:

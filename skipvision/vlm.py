@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import anyres
 from . import skip as skip_vision
 from .config import LlavaConfig
 from .errors import InputError, NonFiniteError
@@ -42,8 +43,9 @@ class LMInput:
 class ImageTokens:
     """The prompt's images as the plain input holds them, in prompt order (row-major)."""
     row: torch.Tensor  # (I,) batch row of each image
-    cols: torch.Tensor  # (I, N) columns of each image's tokens, ascending and contiguous
-    cls_attention: torch.Tensor | None  # (I, N) the CLS query's attention on each token
+    cols: list[torch.Tensor]  # per image (N_i,): its tokens' columns, ascending, contiguous
+    cls_attention: list[torch.Tensor] | None = None  # per image (N_i,): the CLS query's
+    part: list[torch.Tensor] | None = None  # LLaVA-NeXT, (N_i,): 0 base, 1 tile, 2 newline
 
 
 class Llava(nn.Module):
@@ -53,6 +55,8 @@ class Llava(nn.Module):
         self.vision_tower = VisionTower(cfg.vision)
         self.multi_modal_projector = MultiModalProjector(cfg)
         self.language_model = LlamaForCausalLM(cfg.text)
+        if cfg.image_grid_pinpoints:  # LLaVA-NeXT: ends every row of tile features
+            self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
         self.summary_scorer = (skip_vision.SummaryScorer(cfg.text.hidden_size)  # skip-vision hook
                                if cfg.summary_scorer else None)
 
@@ -62,19 +66,36 @@ class Llava(nn.Module):
             hidden_states = [h[:, 1:] for h in hidden_states]  # drop CLS
         return self.multi_modal_projector(torch.cat(hidden_states, dim=-1))
 
-    def image_features(self, pixel_values: torch.Tensor, cls_attention: bool = False):
-        """(I, 3, S, S) pixels -> (I, N, C) features in the LLM's embedding space, and with
-        `cls_attention` the CLS query's attention (I, N) on each feature's patch, in the layer
-        whose output is used (the last of `vision_feature_layer`)."""
-        last = self.cfg.feature_layers[-1]
+    def image_features(self, pixel_values, image_sizes=None, cls_attention: bool = False):
+        """Pixels (I, 3, S, S), or LLaVA-NeXT's tiles (I, tiles, 3, S, S) of images of
+        image_sizes (I, 2) -> per image its features (N_i, C) in the LLM's embedding space,
+        with `cls_attention` the CLS query's attention on each (N_i,) in the layer whose output
+        is used (the last of `vision_feature_layer`), and LLaVA-NeXT's parts (N_i,)."""
+        cfg, last = self.cfg, self.cfg.feature_layers[-1]
         if cls_attention and last == 0:
             raise InputError("vision_feature_layer 0 (the embeddings) has no attention to rank "
                              "image tokens by; Skip-Vision needs a layer >= 1")
-        states, attn = self.vision_tower.hidden_states(pixel_values, self.cfg.feature_layers,
+        if cfg.image_grid_pinpoints:
+            sizes = image_sizes.tolist()
+            n = [1 + r * c for r, c in (anyres.tile_grid(cfg, h, w) for h, w in sizes)]
+            pixel_values = torch.cat([px[:k] for px, k in zip(pixel_values, n)])  # (tiles, ...)
+        states, attn = self.vision_tower.hidden_states(pixel_values, cfg.feature_layers,
                                                        last if cls_attention else 0)
-        if attn is not None and self.cfg.vision_feature_select_strategy == "default":
-            attn = attn[:, 1:]  # the features of the patches, not CLS
-        return self.project(states), attn
+        feats = self.project(states)  # (tiles, N, C)
+        if attn is not None and cfg.vision_feature_select_strategy == "default":
+            attn = attn[:, 1:]  # the patches' features, not CLS
+        if not cfg.image_grid_pinpoints:
+            return list(feats), None if attn is None else list(attn), None
+
+        def pack(values, newline):  # per image: its tiles' values (T_i, N, D) -> (N_i, D)
+            return [anyres.pack(v, cfg, h, w, newline) for v, (h, w) in zip(values.split(n),
+                                                                             sizes)]
+        part = torch.ones_like(feats[..., :1])  # (tiles, N, 1): 0 a base tile's, 1 a tile's
+        part[[sum(n[:i]) for i in range(len(n))]] = 0
+        part = [p[:, 0] for p in pack(part, part.new_tensor([2.0]))]  # newlines: 2
+        if attn is not None:  # a newline is never ranked first
+            attn = [a[:, 0] for a in pack(attn[..., None], attn.new_tensor([-torch.inf]))]
+        return pack(feats, self.image_newline), attn, part
 
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, C); image placeholders (any id, even -200) and padding
@@ -88,49 +109,66 @@ class Llava(nn.Module):
                              f"{self.cfg.image_token_id} marks image tokens)")
         return self.language_model.model.embed_tokens(input_ids.masked_fill(skip, 0))
 
-    def image_tokens(self, input_ids, attention_mask, n_images: int) -> ImageTokens:
-        """Where the images' tokens are: one contiguous block of N tokens per image."""
-        n = self.cfg.image_seq_length
+    def image_tokens(self, input_ids, attention_mask, counts: list[int]) -> ImageTokens:
+        """Where the images' tokens are: one contiguous block of counts[i] tokens per image."""
         is_image = (input_ids == self.cfg.image_token_id) & attention_mask
         found = int(is_image.sum())
-        if found != n_images * n:
+        if found != sum(counts):
             raise InputError(
-                f"the prompt holds {found} image tokens (id {self.cfg.image_token_id}) but "
-                f"{n_images} image(s) of {n} tokens each were given; expand each <image> to "
-                f"{n} tokens (the processor does this)")
+                f"the prompt holds {found} image tokens (id {self.cfg.image_token_id}) but the "
+                f"{len(counts)} image(s) make {sum(counts)} ({counts}); expand each <image> to "
+                "its image's tokens (the processor does this)")
         row, col = is_image.nonzero(as_tuple=True)  # row-major: images in prompt order
-        rows, cols = row.view(-1, n), col.view(-1, n)  # (I, N) each
-        if bool(((rows != rows[:, :1]).any(1) | (cols[:, -1] - cols[:, 0] != n - 1)).any()):
-            raise InputError(f"each image's {n} tokens must be contiguous in one prompt")
-        return ImageTokens(rows[:, 0], cols, None)
+        rows, cols = row.split(counts), col.split(counts)
+        if any(bool((r != r[0]).any()) or int(c[-1] - c[0]) != len(c) - 1
+               for r, c in zip(rows, cols)):
+            raise InputError("each image's tokens must be contiguous in one prompt")
+        return ImageTokens(torch.stack([r[0] for r in rows]) if counts else row, list(cols))
 
-    def prepare(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
-                skip=None) -> LMInput:
-        """Prompt ids (B, T) (+ pixels, left-padding mask) -> the language model's input."""
+    def check(self, input_ids, pixel_values, attention_mask, image_sizes) -> list[int]:
+        """Validate a batch's tensors; the number of tokens of each image."""
         if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
                 and input_ids.shape[0] > 0 and not input_ids.is_floating_point()):
             raise InputError("input_ids must be a (batch, tokens) integer tensor, batch >= 1")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask is {tuple(attention_mask.shape)}, input_ids "
                              f"{tuple(input_ids.shape)}: they must match")
-        attention_mask = attention_mask.bool()
         if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
             raise InputError("the batch is padded on the right; pad on the left (generation "
                              "continues at the right edge; the processor does this)")
-        if pixel_values is not None and not (isinstance(pixel_values, torch.Tensor) and
-                                             pixel_values.dim() == 4):
-            raise InputError("pixel_values must be an (images, channels, height, width) tensor")
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if n_images and not bool(torch.isfinite(pixel_values).all()):
+        if pixel_values is None:
+            return []
+        next_ = bool(self.cfg.image_grid_pinpoints)
+        if not (isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4 + next_):
+            raise InputError(f"pixel_values must be an (images, {'tiles, ' * next_}channels, "
+                             "height, width) tensor")
+        if not bool(torch.isfinite(pixel_values).all()):
             raise NonFiniteError("pixel_values hold NaN or inf (check the image preprocessing)")
-        images = self.image_tokens(input_ids, attention_mask, n_images)
+        if not next_:
+            return [self.cfg.image_seq_length] * pixel_values.shape[0]
+        if not (isinstance(image_sizes, torch.Tensor) and image_sizes.shape ==
+                (pixel_values.shape[0], 2) and bool((image_sizes > 0).all())):
+            raise InputError("LLaVA-NeXT needs image_sizes, (images, 2) heights and widths")
+        grids = [anyres.tile_grid(self.cfg, h, w) for h, w in image_sizes.tolist()]
+        if max(1 + r * c for r, c in grids) > pixel_values.shape[1]:
+            raise InputError("pixel_values hold fewer tiles than image_sizes call for")
+        return [anyres.image_tokens(self.cfg, h, w) for h, w in image_sizes.tolist()]
+
+    def prepare(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
+                skip=None, image_sizes=None) -> LMInput:
+        """Prompt ids (B, T) (+ pixels, left-padding mask) -> the language model's input."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        counts = self.check(input_ids, pixel_values, attention_mask, image_sizes)
+        images = self.image_tokens(input_ids, attention_mask, counts)
         embeds = self.embed_text(input_ids, attention_mask)
-        if n_images:
-            feats, images.cls_attention = self.image_features(pixel_values, skip is not None)
-            embeds = embeds.index_put((images.row[:, None], images.cols),
-                                      feats.to(embeds.dtype))  # (B, T, C)
+        if counts:
+            feats, images.cls_attention, images.part = self.image_features(
+                pixel_values, image_sizes, skip is not None)
+            per = torch.tensor(counts, device=images.row.device)
+            where = (images.row.repeat_interleave(per), torch.cat(images.cols))
+            embeds = embeds.index_put(where, torch.cat(feats).to(embeds.dtype))  # (B, T, C)
         pos, horizon = slots(attention_mask)
         pos = pos if position_ids is None else position_ids
         inp = LMInput(embeds, pos, horizon, attention_mask)
@@ -147,10 +185,11 @@ class Llava(nn.Module):
         return self.language_model.lm_head(hidden)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
-                cache=None, skip=None) -> torch.Tensor:
+                cache=None, skip=None, image_sizes=None) -> torch.Tensor:
         """Logits (B, T, V) for the same inputs LlavaForConditionalGeneration takes.
 
         With `skip`, T is the length of the Skip-Vision arranged sequence (see skip.Layout).
         """
-        inp = self.prepare(input_ids, pixel_values, attention_mask, position_ids, skip)
+        inp = self.prepare(input_ids, pixel_values, attention_mask, position_ids, skip,
+                           image_sizes)
         return self.logits(self.run(inp, cache))

@@ -12,7 +12,8 @@ import pytest
 from helpers import ROOT
 
 PKG = ROOT / "skipvision"
-MODEL = ["config", "errors", "vision", "projector", "llama", "vlm", "kv_cache", "generate", "skip"]
+MODEL = ["config", "vision", "projector", "llama", "vlm", "kv_cache", "generate", "skip"]
+BESIDE = ["errors", "anyres"]  # the error types; LLaVA-NeXT's tiling geometry
 
 
 def module_name(path) -> str:
@@ -69,7 +70,7 @@ def test_no_import_cycle_inside_skipvision():
 
 def test_the_model_imports_no_training_analysis_or_io_and_skip_stands_alone():
     graph = imports()
-    for m in MODEL:
+    for m in MODEL + BESIDE:
         below = {i for i in graph[f"skipvision.{m}"]
                  if i.startswith(("skipvision.training", "skipvision.analysis", "skipvision.io"))}
         assert not below, f"skipvision.{m} imports {below}"
@@ -83,8 +84,9 @@ def test_the_cycle_check_can_fail():
 
 def test_the_model_is_small_and_every_file_is_short():
     top = {p.stem: len(p.read_text().splitlines()) for p in PKG.glob("*.py")}
-    assert set(top) == set(MODEL) | {"__init__"}, "only the model lives at the top level"
-    assert sum(top.values()) <= 1300, top
+    assert set(top) == set(MODEL + BESIDE) | {"__init__"}, "only the model lives at the top level"
+    assert sum(top[m] for m in MODEL) <= 1300, top
+    assert sum(top[m] for m in BESIDE) <= 150, top
     for folder in ("skipvision", "tests", "examples", "reference"):
         for path in (ROOT / folder).rglob("*.py"):
             n = len(path.read_text().splitlines())

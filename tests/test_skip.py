@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import assert_close, llava_inputs, randomize_
 from reference import dense
 from skipvision import SkipConfig, TextConfig
+from skipvision.vlm import ImageTokens
 from skipvision.skip import (PAD, RETAINED, SKIPPED, TEXT, by_cls_attention, complement,
                              merge, summary_pool)
 from strategies import lengths, models, skips
@@ -60,7 +61,7 @@ def test_layout_says_where_every_token_came_from_and_went(m, data, lens, n_img):
     assert set(lay.kind[copied].tolist()) <= {TEXT, RETAINED}
     n_text = int(mask.sum()) - n_img * len(lens) * model.cfg.image_seq_length
     assert int((lay.kind == TEXT).sum()) == n_text and bool((lay.kind[~inp.attention_mask] == PAD).all())
-    feats = model.image_features(px)[0] if n_img else None
+    feats = model.image_features(px)[0] if n_img else None  # per image (N, C)
     for i in range(n_img * len(lens)):
         b = int((lay.image == i).any(1).nonzero())
         dest = lay.dest[i]
@@ -70,7 +71,7 @@ def test_layout_says_where_every_token_came_from_and_went(m, data, lens, n_img):
             group = (dest == d).nonzero().squeeze(1)
             assert int(lay.kind[b, d]) == (RETAINED if len(group) == 1 and int(
                 lay.index[b, d]) >= 0 else SKIPPED)
-            assert_close(inp.embeds[b, d], feats[i, group].mean(0), 1e-12, f"image {i} col {d}")
+            assert_close(inp.embeds[b, d], feats[i][group].mean(0), 1e-12, f"image {i} col {d}")
 
 
 @settings()
@@ -82,8 +83,10 @@ def test_selection_merge_and_summary_equal_oracle(m, data, n_img):
     S = model.cfg.vision.image_size
     px = torch.randn(n_img, 3, S, S, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        got_feats, cls = model.image_features(px, cls_attention=True)
-        keep = by_cls_attention(cls, skip.retained)
+        got_feats, cls, _ = model.image_features(px, cls_attention=True)
+        got_feats, cls = torch.stack(got_feats), torch.stack(cls)  # (I, N, C), (I, N)
+        keep = by_cls_attention(ImageTokens(torch.zeros(n_img), [], list(cls)),
+                                list(range(n_img)), skip.retained)
         rest = complement(keep, cls.shape[1])
         take = lambda idx: got_feats.gather(1, idx[..., None].expand(-1, -1, got_feats.shape[-1]))
         mrg, _, _ = merge(take(rest), skip.skipped, skip.merge_order)

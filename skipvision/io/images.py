@@ -10,6 +10,7 @@ against PIL's decompression-bomb bound, the padded and resized one against MAX_R
 from __future__ import annotations
 
 import io
+import math
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..anyres import best_resolution
 from ..config import check_fields
 from ..errors import ConfigError, InputError
 
@@ -198,3 +200,18 @@ class ImageProcessor:
     def __call__(self, images) -> torch.Tensor:
         """A list of images (PIL, path, URL or bytes) -> (I, 3, H, W) float32."""
         return torch.stack([self.one(load_image(im)) for im in images])
+
+    def anyres(self, im: Image.Image, pinpoints) -> torch.Tensor:
+        """LLaVA-NeXT (anyres.py): (1 + tiles, 3, S, S) for one image, S the crop size: the
+        image squashed to S x S, then the tiles of the image fitted (aspect ratio kept) and
+        zero-padded, centred, into the best of `pinpoints`, row by row."""
+        im, S = to_rgb(im), self.crop[0]
+        (w, h), resample = im.size, Image.Resampling(self.resample)
+        H, W = best_resolution(h, w, pinpoints)
+        fh, fw = (min(math.ceil(h * (W / w)), H), W) if W / w < H / h else (
+            H, min(math.ceil(w * (H / h)), W))
+        canvas = Image.new("RGB", (W, H))  # zeros: black
+        canvas.paste(im.resize((fw, fh), resample), ((W - fw) // 2, (H - fh) // 2))
+        tiles = [canvas.crop((x, y, x + S, y + S)) for y in range(0, H, S) for x in range(0, W, S)]
+        base = im.resize((self.size, self.size), resample)
+        return torch.stack([self.one(t) for t in [base] + tiles])

@@ -12,6 +12,7 @@ both read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import re
 from collections import defaultdict
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import LlavaConfig
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..skip import SkipConfig
 from ..vlm import Llava
 from .hf_config import checkpoint_dtype, from_hf, from_original, is_original
@@ -221,7 +222,12 @@ def load_skip_config(repo_id_or_dir, revision: str | None = None, **hub) -> Skip
     path = in_folder(fetch(repo_id_or_dir, revision, weights=False, **hub), "skip_config.json")
     if not path.is_file():
         return None
+    d = read_json(path)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(SkipConfig)})
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key(s) {unknown}; known: "
+                              f"{[f.name for f in dataclasses.fields(SkipConfig)]}")
     try:
-        return SkipConfig.from_dict(read_json(path), str(path))
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+        return SkipConfig(**d)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None

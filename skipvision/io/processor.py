@@ -15,9 +15,10 @@ import torch
 
 from ..config import LlavaConfig
 from ..errors import CheckpointError, ConfigError, InputError
+from ..anyres import image_tokens
 from ..kv_cache import left_pad
 from .hub import in_folder, read_json
-from .images import ImageProcessor
+from .images import ImageProcessor, load_image
 
 IMAGE = "<image>"  # the placeholder users write, and llava-hf's added token
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
@@ -93,25 +94,27 @@ class Processor:
             question = f"{IMAGE}\n{question}"
         return TEMPLATES[name].format(question=question)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one prompt, each `<image>` expanded to `image_seq_length` image ids."""
-        tok, n, img = self._tok(), self.cfg.image_seq_length, self.cfg.image_token_id
+    def encode(self, text: str, counts=None) -> list[int]:
+        """Token ids of one prompt, the k-th `<image>` expanded to counts[k] image ids
+        (default: `image_seq_length` each; LLaVA-NeXT's depend on each image's size)."""
+        tok, img = self._tok(), self.cfg.image_token_id
+        counts = iter(counts or [self.cfg.image_seq_length] * text.count(IMAGE))
         vocab_id = tok.token_to_id(IMAGE)
         if vocab_id is not None:  # llava-hf: <image> is an added token of the vocabulary
             ids = []
             for t in tok.encode(text).ids:
-                ids += [img] * n if t == vocab_id else [t]
+                ids += [img] * next(counts) if t == vocab_id else [t]
             return ids
         chunks = text.split(IMAGE)  # original LLaVA: tokenize around the placeholders
         ids = tok.encode(chunks[0]).ids
         for chunk in chunks[1:]:
-            ids += [img] * n + tok.encode(chunk, add_special_tokens=False).ids
+            ids += [img] * next(counts) + tok.encode(chunk, add_special_tokens=False).ids
         return ids
 
     def __call__(self, prompts, images=None) -> dict[str, torch.Tensor]:
         """Prompts (str or list) with `<image>` placeholders and their images, in order ->
-        input_ids (B, T), attention_mask (B, T), pixel_values (I, 3, H, W) or None.
-        """
+        input_ids (B, T), attention_mask (B, T), pixel_values (I, 3, H, W) or None; for
+        LLaVA-NeXT pixel_values (I, tiles, 3, H, W), zero-padded, and image_sizes (I, 2)."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(
                 isinstance(p, str) for p in prompts):
@@ -125,16 +128,31 @@ class Processor:
             raise InputError(f"the prompts hold {sum(counts)} {IMAGE} placeholder(s) ({which}) "
                              f"but {len(images)} image(s) were given; write one {IMAGE} where "
                              "each image goes (Processor.format does this for one image)")
-        rows = [self.encode(p) for p in prompts]
+        out, sizes = {}, None
+        if images and self.cfg.image_grid_pinpoints:  # LLaVA-NeXT: tiles, counts by size
+            decoded = [load_image(im) for im in images]
+            sizes = [(im.size[1], im.size[0]) for im in decoded]  # (height, width)
+            crops = [self.image.anyres(im, self.cfg.image_grid_pinpoints) for im in decoded]
+            P = max(len(c) for c in crops)  # zero tiles after an image's own, as transformers
+            out["pixel_values"] = torch.stack([torch.cat([c, c.new_zeros(P - len(c), *c.shape[1:])])
+                                               for c in crops])
+            out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+        elif images:
+            out["pixel_values"] = self.image(images)
+        tokens = [image_tokens(self.cfg, *s) for s in sizes] if sizes else None
+        rows, k = [], 0
+        for p, c in zip(prompts, counts):
+            rows.append(self.encode(p, tokens[k:k + c] if tokens else None))
+            k += c
         context = self.cfg.text.max_position_embeddings
         for i, r in enumerate(rows):
             if len(r) > context:
-                raise InputError(f"prompt {i} is {len(r)} tokens ({counts[i]} image(s) of "
-                                 f"{self.cfg.image_seq_length} tokens) but the model's context "
-                                 f"is {context}; shorten it")
+                raise InputError(f"prompt {i} is {len(r)} tokens ({counts[i]} image(s)) but the "
+                                 f"model's context is {context}; shorten it")
         ids, mask = left_pad([torch.tensor(r, dtype=torch.long) for r in rows], self.pad_token_id)
-        pixels = self.image(images) if images else None
-        return {"input_ids": ids, "attention_mask": mask.long(), "pixel_values": pixels}
+        return {"input_ids": ids, "attention_mask": mask.long(),
+                "pixel_values": out.get("pixel_values"), **({"image_sizes": out["image_sizes"]}
+                                                            if sizes else {})}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

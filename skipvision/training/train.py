@@ -3,7 +3,7 @@
 - Loss: next-token cross-entropy on answer tokens only, summed over the global batch and divided
   by its answer-token count, so it does not depend on how the batch is cut into micro-batches
   (gradient accumulation) or processes. With Skip-Vision the labels follow their text tokens
-  into the arranged sequence (`Layout.take_text`); image and summary tokens carry no loss.
+  into the arranged sequence (`Layout.index`); image and summary tokens carry no loss.
 - AdamW (weight decay on matrices only), linear warmup then cosine to `min_lr`, gradient
   clipping on the global norm, bf16 autocast on CUDA.
 - Which parts train: any of `vision_tower`, `projector`, `language_model`, `summary`. Weights
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, NonFiniteError
+from ..skip import TEXT
 from .data import IGNORE, ConversationData, collate
 
 PARTS = {"vision_tower": "vision_tower.", "projector": "multi_modal_projector.",
@@ -122,7 +123,8 @@ class AnswerLoss(nn.Module):
     def forward(self, input_ids, attention_mask, labels, pixel_values) -> torch.Tensor:
         inp = self.model.prepare(input_ids, pixel_values, attention_mask, skip=self.skip)
         if inp.layout is not None:  # Skip-Vision rearranged the sequence; labels follow text
-            labels = inp.layout.take_text(labels, IGNORE)
+            moved = labels.flatten()[inp.layout.index.clamp(min=0)]
+            labels = moved.masked_fill(inp.layout.kind != TEXT, IGNORE)
         hidden = self.model.run(inp)
         target = labels[:, 1:]
         keep = target != IGNORE
