@@ -85,10 +85,12 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, eos_ids=None, skip=None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> Generation:
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             image_sizes: torch.Tensor | None = None) -> Generation:
     """Prefill then decode until every row emitted an EOS or `max_new_tokens` were made.
 
-    input_ids (B, T) left-padded, image tokens expanded; `skip` a SkipConfig or None.
+    input_ids (B, T) left-padded, image tokens expanded; `skip` a SkipConfig or None;
+    `image_sizes` (I, 2) the images' heights and widths for LLaVA-NeXT.
     `on_token(tokens)` receives each step's (B,) tokens as they come (streaming, timing).
     """
     eos_ids = model.cfg.text.eos_ids if eos_ids is None else tuple(eos_ids)
@@ -97,7 +99,8 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
     device = input_ids.device
-    inp = model.prepare(input_ids, pixel_values, attention_mask, skip=skip)
+    inp = model.prepare(input_ids, pixel_values, attention_mask, skip=skip,
+                        image_sizes=image_sizes)
     context = model.cfg.text.max_position_embeddings
     used = int(inp.pos.max()) + 1 if inp.pos.numel() else 0
     if used + max_new_tokens > context:

@@ -20,9 +20,15 @@ from ..errors import ConfigError
 # transformers.LlavaConfig builds this CLIPVisionConfig when vision_config is absent.
 LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                             num_attention_heads=16, image_size=336, patch_size=14)
-TEXT_MODEL_TYPES = (None, "llama")  # the decoder in llama.py
+TEXT_MODEL_TYPES = (None, "llama", "mistral")  # the decoder in llama.py
+# transformers.MistralConfig's defaults where they differ from LlamaConfig's; Mistral is LLaMA
+# with a sliding window, which is loaded only where it never slides (null, as in
+# llava-v1.6-mistral-7b-hf, or at least the context)
+MISTRAL_DEFAULTS = dict(intermediate_size=14336, num_key_value_heads=8,
+                        max_position_embeddings=4096 * 32, sliding_window=4096)
 VISION_MODEL_TYPES = (None, "clip_vision_model")  # the tower in vision.py
 
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 ORIGINAL_IMAGE_TOKEN = -200  # IMAGE_TOKEN_INDEX of the original LLaVA code: not a vocab id
 ORIGINAL_FEATURES = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature
 ORIGINAL_PROJECTORS = {"mlp2x_gelu": "gelu"}  # mm_projector_type -> projector activation
@@ -73,6 +79,13 @@ def rope_from_hf(text: dict) -> RopeConfig:
 
 def text_from_hf(text: dict, tie: bool = False) -> TextConfig:
     """`tie`: the top-level tie_word_embeddings, used when text_config does not say."""
+    if text.get("model_type") == "mistral":
+        text = MISTRAL_DEFAULTS | text
+        window, context = text["sliding_window"], text["max_position_embeddings"]
+        _need(window is None or (type(window) is int and type(context) is int
+                                 and window >= context),
+              f"text_config.sliding_window {window!r}: sliding-window attention is not "
+              f"implemented; only null (or a window of the whole context, {context}) loads")
     kw = _fields(TextConfig, text)
     kw.pop("rope", None)
     kw["tie_word_embeddings"] = text.get("tie_word_embeddings", tie)
@@ -85,8 +98,8 @@ def vision_from_hf(vision: dict | None) -> VisionConfig:
 
 def from_hf(d: dict) -> LlavaConfig:
     """A llava-hf `config.json` dict (any transformers version) -> LlavaConfig."""
-    _need(d.get("model_type") in (None, "llava"),
-          f"expected a llava config, got model_type {d.get('model_type')!r}")
+    _need(d.get("model_type") in (None, "llava", "llava_next"),
+          f"expected a llava or llava_next config, got model_type {d.get('model_type')!r}")
     text = dict(_object(d, "text_config"))
     vision = None if d.get("vision_config") is None else _object(d, "vision_config")
     _need(text.get("model_type") in TEXT_MODEL_TYPES,
@@ -107,6 +120,8 @@ def from_hf(d: dict) -> LlavaConfig:
                          ("summary_scorer", "skipvision_summary")]:
         if d.get(theirs) is not None:
             kw[ours] = d[theirs]
+    if d.get("model_type") == "llava_next":  # transformers.LlavaNextConfig's default grid
+        kw["image_grid_pinpoints"] = d.get("image_grid_pinpoints") or NEXT_PINPOINTS
     return LlavaConfig(vision=vision_from_hf(vision),
                        text=text_from_hf(text, tie=d.get("tie_word_embeddings") or False), **kw)
 
@@ -173,8 +188,11 @@ def to_hf(cfg: LlavaConfig, dtype: str | None = None) -> dict:
         text["eos_token_id"] = list(text["eos_token_id"])
     vision = dataclasses.asdict(v) | {"model_type": "clip_vision_model"}
     layer = cfg.vision_feature_layer
+    next_ = cfg.image_grid_pinpoints is not None
     out = {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if next_ else
+                          "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if next_ else "llava",
         "text_config": text, "vision_config": vision,
         "image_token_id": cfg.image_token_id, "image_token_index": cfg.image_token_id,
         "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
@@ -186,6 +204,8 @@ def to_hf(cfg: LlavaConfig, dtype: str | None = None) -> dict:
     }
     if cfg.summary_scorer:
         out["skipvision_summary"] = True
+    if next_:
+        out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
     if dtype is not None:
         out["torch_dtype"] = out["dtype"] = dtype
     return out

@@ -21,11 +21,13 @@ LLAVA_PREFIXES = [
     ("vision_tower.", "vision_tower.vision_model."),  # transformers 5 on disk
     ("multi_modal_projector.", "multi_modal_projector."),
     ("summary_scorer.", "summary_scorer."),
+    ("image_newline", "image_newline"),  # LLaVA-NeXT
     ("model.language_model.", "language_model.model."),  # transformers 5 in memory
     ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
     ("model.vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.summary_scorer.", "summary_scorer."),
+    ("model.image_newline", "image_newline"),
     ("lm_head.", "language_model.lm_head."),
 ]
 

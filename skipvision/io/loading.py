@@ -78,7 +78,7 @@ def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, dev
 
 
 def _parse(parse, config: dict, root: Path) -> LlavaConfig:
-    if config.get("model_type") not in ("llava", "llava_llama"):
+    if config.get("model_type") not in ("llava", "llava_llama", "llava_next"):
         raise CheckpointError(
             f"{root}/config.json describes a {config.get('model_type')!r} model "
             f"({config.get('architectures')}); skipvision loads LLaVA checkpoints: llava-hf "

@@ -162,7 +162,11 @@ class Processor:
     def files(self) -> dict[str, str]:
         """The processor's files of a checkpoint, by name: tokenizer.json and
         tokenizer_config.json (with a tokenizer) and preprocessor_config.json."""
-        out = {"preprocessor_config.json": json.dumps(self.image.to_dict(), indent=2)}
+        image = self.image.to_dict()
+        if self.cfg.image_grid_pinpoints:  # transformers reads it as LLaVA-NeXT's processor
+            image.update(image_processor_type="LlavaNextImageProcessor", do_pad=True,
+                         image_grid_pinpoints=[list(p) for p in self.cfg.image_grid_pinpoints])
+        out = {"preprocessor_config.json": json.dumps(image, indent=2)}
         if self.tokenizer is not None:
             out["tokenizer.json"] = self.tokenizer.to_str(pretty=True)
             t = self.cfg.text

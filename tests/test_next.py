@@ -1,0 +1,129 @@
+"""LLaVA-NeXT (any-resolution tiles) against transformers' LlavaNextForConditionalGeneration
+and LlavaNextProcessor on the same weights and images."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from helpers import assert_close, hf_specs, make_image, ours_from_hf, randomize_
+from skipvision import anyres, generate
+from skipvision.io.images import ImageProcessor
+from skipvision.kv_cache import left_pad, slots
+
+GRIDS = [[(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)], [(1, 1)], [(2, 2), (1, 2)], [(2, 3), (1, 4)]]
+
+
+@st.composite
+def next_specs(draw):
+    """hf_specs with tile grids (in tiles of the tower's size) and a LLaMA or Mistral LM."""
+    spec = draw(hf_specs(max_layers=2))
+    spec["vision_feature_select_strategy"] = "default"
+    if spec["vision_feature_layer"] == 0:  # its negative twin: transformers 5.24's NeXT loses 0
+        spec["vision_feature_layer"] = -(spec["vision"]["num_hidden_layers"] + 1)
+    S = spec["vision"]["image_size"]
+    spec["image_grid_pinpoints"] = [[r * S, c * S] for r, c in draw(st.sampled_from(GRIDS))]
+    if draw(st.booleans(), label="mistral"):
+        spec["text"].update(model_type="mistral", sliding_window=None)
+    return spec
+
+
+def build_hf_next(spec: dict, seed: int, dtype=torch.float64):
+    from transformers import (AutoConfig, CLIPVisionConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
+    from reference.hf_float64 import make_float64
+    from skipvision import from_hf
+    text = dict(spec["text"])
+    text = AutoConfig.for_model(text.pop("model_type", "llama"), **text)
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=text,
+                          image_token_id=spec["image_token_id"],
+                          vision_feature_layer=spec["vision_feature_layer"],
+                          vision_feature_select_strategy="default",
+                          image_grid_pinpoints=spec["image_grid_pinpoints"],
+                          tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    hf = randomize_(LlavaNextForConditionalGeneration(cfg).eval(), seed)
+    ours = from_hf(cfg.to_dict())
+    return make_float64(hf, ours.text.rope, ours.text.head_dim) if dtype == torch.float64 else (
+        hf.to(dtype))
+
+
+def next_inputs(cfg, seed: int, lengths, sizes, dtype=torch.float64):
+    """Left-padded prompts, one image each of sizes[b] = (height, width) at a random place;
+    pixel_values (I, tiles, 3, S, S) of random tiles, zero tiles after an image's own."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for L, (h, w) in zip(lengths, sizes):
+        text = torch.randint(0, cfg.text.vocab_size - 1, (L,), generator=g)
+        text[text == cfg.image_token_id] = 0
+        cut = int(torch.randint(0, L + 1, (1,), generator=g))
+        n = anyres.image_tokens(cfg, h, w)
+        rows.append(torch.cat([text[:cut], torch.full((n,), cfg.image_token_id), text[cut:]]))
+    ids, mask = left_pad(rows, 0)
+    tiles = [1 + r * c for r, c in (anyres.tile_grid(cfg, h, w) for h, w in sizes)]
+    S = cfg.vision.image_size
+    px = torch.randn(len(sizes), max(tiles), 3, S, S, generator=g, dtype=torch.float64)
+    for i, k in enumerate(tiles):
+        px[i, k:] = 0
+    return ids, mask.long(), slots(mask)[0], px.to(dtype), torch.tensor(sizes)
+
+
+image_sizes = st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=3)
+
+
+@settings(max_examples=50)
+@given(spec=next_specs(), seed=st.integers(0, 2**16), sizes=image_sizes, data=st.data())
+def test_logits_match_transformers_llava_next(spec, seed, sizes, data):
+    hf = build_hf_next(spec, seed)
+    ours = ours_from_hf(hf)
+    lengths = data.draw(st.lists(st.integers(0, 6), min_size=len(sizes), max_size=len(sizes)))
+    ids, mask, pos, px, hw = next_inputs(ours.cfg, seed, lengths, sizes)
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=px, image_sizes=hw, attention_mask=mask,
+                  position_ids=pos, output_hidden_states=True).logits
+        got = ours(ids, px, mask, pos, image_sizes=hw)
+    valid = mask.bool()
+    assert_close(got[valid], want[valid], 1e-9 * max(1.0, want.abs().max().item()), "logits")
+
+
+@settings(max_examples=4)
+@given(spec=next_specs(), seed=st.integers(0, 2**16))
+def test_greedy_generation_matches_transformers_llava_next(spec, seed):
+    hf = build_hf_next(spec, seed)
+    ours = ours_from_hf(hf)
+    ids, mask, pos, px, hw = next_inputs(ours.cfg, seed, [2, 5, 0], [(20, 50), (50, 9), (8, 8)])
+    layer = spec["vision_feature_layer"]
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, pixel_values=px, image_sizes=hw, attention_mask=mask,
+                           do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                           eos_token_id=None, pad_token_id=0,
+                           vision_feature_layer=layer)[:, ids.shape[1]:]
+    eos = ours.cfg.text.vocab_size + 7  # never produced: all 20 tokens are compared
+    got = generate(ours, ids, px, mask, max_new_tokens=20, eos_ids=[eos], image_sizes=hw).tokens
+    assert torch.equal(got, want), f"\nours {got}\nhf   {want}"
+
+
+@settings(max_examples=30)
+@given(w=st.integers(1, 400), h=st.integers(1, 400), grid=st.sampled_from(GRIDS),
+       mode=st.sampled_from(["RGB", "RGBA", "L", "P"]), seed=st.integers(0, 2**16))
+def test_processor_equals_transformers_llava_next_processor(w, h, grid, mode, seed):
+    """Pixel values within 1e-5 and the same number of image tokens, at 32-pixel tiles."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil)
+    from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+    from skipvision import LlavaConfig, VisionConfig
+    S = 32
+    pins = [[r * S, c * S] for r, c in grid]
+    cfg = LlavaConfig(vision=VisionConfig(image_size=S, patch_size=8, hidden_size=8,
+                                          num_attention_heads=2), image_grid_pinpoints=pins)
+    hf = LlavaNextImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
+                                    image_grid_pinpoints=pins)
+    im = make_image(mode, w, h, seed)
+    want = hf(images=[im], return_tensors="pt")
+    got = ImageProcessor(S, (S, S)).anyres(im, cfg.image_grid_pinpoints)
+    assert got.shape == want["pixel_values"][0].shape
+    assert (got - want["pixel_values"][0]).abs().max().item() <= 1e-5
+    counter = LlavaNextProcessor.__new__(LlavaNextProcessor)  # only its token arithmetic
+    counter.image_processor, counter.patch_size = hf, 8
+    counter.num_additional_image_tokens, counter.vision_feature_select_strategy = 1, "default"
+    n = counter._get_number_of_features(h, w, S, S) - 1
+    assert anyres.image_tokens(cfg, h, w) == n
