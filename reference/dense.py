@@ -64,15 +64,65 @@ def image_features(model, px):
     return _lin(p.linear_2, _act(cfg.projector_hidden_act, _lin(p.linear_1, x))), maps
 
 
+def cls_scores(maps, cfg):
+    """(I, N): the CLS query's attention on each feature's position, heads summed."""
+    row = maps[cfg.feature_layers[-1] - 1][:, :, 0, :].sum(1)  # (I, P)
+    return row[:, 1:] if cfg.vision_feature_select_strategy == "default" else row
+
+
 def select(maps, cfg, n_r):
     """Per image: indices of the N_r highest CLS-attention feature tokens, raster order."""
-    row = maps[cfg.feature_layers[-1] - 1][:, :, 0, :].sum(1)  # (I, P) CLS row, heads summed
-    scores = row[:, 1:] if cfg.vision_feature_select_strategy == "default" else row
-    out = []
-    for s in scores.tolist():
-        order = sorted(range(len(s)), key=lambda j: (-s[j], j))
-        out.append(sorted(order[:n_r]))
+    return [top(s, n_r) for s in cls_scores(maps, cfg).tolist()]
+
+
+def top(scores, n):
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    return sorted(order[:n])
+
+
+def best_fit(h, w, pinpoints):
+    """LLaVA-NeXT: the candidate that keeps most pixels of the scaled image, then least waste."""
+    def key(hw):
+        s = min(hw[1] / w, hw[0] / h)
+        kept = min(int(w * s) * int(h * s), w * h)
+        return (-kept, hw[0] * hw[1] - kept)
+    return min(pinpoints, key=key)  # the first of equals, as a scan keeping the first best
+
+
+def next_tokens(model, tiles, h, w):
+    """One LLaVA-NeXT image, token by token: (feature, CLS score, part) with part 0 for the
+    base tile, 1 for a tile, 2 for a row's newline; the grid of tile features cropped to the
+    rows or columns the fitted image covers. Skip-Vision drops the newlines."""
+    cfg = model.cfg
+    g = cfg.vision.image_size // cfg.vision.patch_size
+    H, W = best_fit(h, w, cfg.image_grid_pinpoints)
+    rows, cols = H // cfg.vision.image_size, W // cfg.vision.image_size
+    feats, maps = image_features(model, tiles[:1 + rows * cols])
+    scores = cls_scores(maps, cfg) if cfg.feature_layers[-1] > 0 else torch.zeros(feats.shape[:2])
+    out = [(feats[0, j], float(scores[0, j]), 0) for j in range(g * g)]
+    R, K = rows * g, cols * g  # the grid, in features
+    if w / h > K / R:
+        pad = (R - int(round(h * (K / w), 7))) // 2
+        ys, xs = range(pad, R - pad), range(K)
+    else:
+        pad = (K - int(round(w * (R / h), 7))) // 2
+        ys, xs = range(R), range(pad, K - pad)
+    for y in ys:
+        for x in xs:
+            t, j = 1 + (y // g) * cols + x // g, (y % g) * g + x % g
+            out.append((feats[t, j], float(scores[t, j]), 1))
+        out.append((model.image_newline, -math.inf, 2))
     return out
+
+
+def image_tokens(model, px, sizes=None):
+    """Per image, its tokens as (feature, CLS score, part)."""
+    if model.cfg.image_grid_pinpoints:
+        return [next_tokens(model, px[i], h, w) for i, (h, w) in enumerate(sizes.tolist())]
+    feats, maps = image_features(model, px)
+    scores = cls_scores(maps, model.cfg) if model.cfg.feature_layers[-1] > 0 else None
+    return [[(f[j], 0.0 if scores is None else float(scores[i, j]), 0) for j in range(len(f))]
+            for i, f in enumerate(feats)]
 
 
 def merge(x, n_out, order):
@@ -102,12 +152,11 @@ def pool(x, scorer):
     return sum(w[i] * x[i] for i in range(x.shape[0]))
 
 
-def arrange(model, ids, px, mask, skip):
+def arrange(model, ids, px, mask, skip, sizes=None):
     """Plain or Skip-Vision sequence: list per row of (embedding, kind, image) triples."""
-    cfg, N = model.cfg, model.cfg.image_seq_length
+    cfg = model.cfg
     E = model.language_model.model.embed_tokens.weight
-    feats, maps = image_features(model, px) if px is not None else (None, None)
-    keep = select(maps, cfg, skip.retained) if skip is not None and px is not None else None
+    images = image_tokens(model, px, sizes) if px is not None else []
     rows, g = [], 0
     for b in range(ids.shape[0]):
         row, t = [], 0
@@ -118,19 +167,24 @@ def arrange(model, ids, px, mask, skip):
                 row.append((E[int(ids[b, c])], TEXT, -1))
                 t += 1
                 continue
-            f = feats[g]
+            tokens = images[g]
+            f = torch.stack([x for x, _, _ in tokens])
             if skip is None:
-                row += [(f[j], TEXT, g) for j in range(N)]
+                row += [(f[j], TEXT, g) for j in range(len(f))]
             else:
-                rest = [j for j in range(N) if j not in keep[g]]
-                ret = f[keep[g]]
-                mrg, _ = merge(f[rest], skip.skipped, skip.merge_order)
+                if skip.retain == "thumbnail":
+                    keep = [j for j, (_, _, part) in enumerate(tokens) if part == 0]
+                else:
+                    keep = top([s for _, s, _ in tokens], skip.retained)
+                rest = [j for j in range(len(f)) if j not in keep and tokens[j][2] != 2]
+                ret = f[keep]
+                mrg, _ = merge(f[rest], min(skip.skipped, len(rest)), skip.merge_order)
                 scorer = model.summary_scorer
                 row += [(ret[j], RETAINED, g) for j in range(len(ret))]
                 row += [(pool(ret, scorer), SUMMARY, g)] if skip.summary else []
                 row += [(mrg[j], SKIPPED, g) for j in range(len(mrg))]
                 row += [(pool(mrg, scorer), SUMMARY, g)] if skip.summary else []
-            t, g = t + N, g + 1
+            t, g = t + len(tokens), g + 1
         rows.append(row)
     return rows
 
@@ -190,16 +244,16 @@ def llm_hidden(model, rows, skip, decode_from=None):
     return out, [[k for _, k, _ in row] for row in rows]
 
 
-def logits(model, ids, px, mask, skip=None):
+def logits(model, ids, px, mask, skip=None, sizes=None):
     """Per row: logits (T_b, V) of the valid tokens of the (arranged) sequence, and kinds."""
-    rows = arrange(model, ids, px, mask, skip)
+    rows = arrange(model, ids, px, mask, skip, sizes)
     hidden, kinds = llm_hidden(model, rows, skip)
     return [h @ model.language_model.lm_head.weight.T for h in hidden], kinds
 
 
-def naive_generate(model, ids, px, mask, n_new, skip=None):
+def naive_generate(model, ids, px, mask, n_new, skip=None, sizes=None):
     """Greedy, no cache: the whole sequence is re-run for every new token. Returns (B, n_new)."""
-    rows = arrange(model, ids, px, mask, skip)
+    rows = arrange(model, ids, px, mask, skip, sizes)
     E = model.language_model.model.embed_tokens.weight
     start = [len(r) for r in rows]
     out = [[] for _ in rows]

@@ -1,14 +1,14 @@
 """Skip-Vision (Zeng, Huang, Ji, Yan; ICCV 2025, arXiv 2503.21817) on top of the plain LLaVA.
 
 What the paper changes, and nothing else (everything else is vlm.py / llama.py):
-- Split: per image, N_r tokens are *retained*, kept in raster order. Which ones is a policy
-  (`RETAIN`): for LLaVA-1.5 the N_r the CLS token attends to most, summed over heads, in the
-  vision layer whose output is used.
-- Merge: the other tokens are merged ToMe-style down to N_s *skipped* tokens (cosine
-  redundancy; each source joins its most similar destination; plain mean). The authors keep
-  destinations in descending-redundancy order (`merge_order`).
-- Summary tokens: q1 softmax-pools the retained tokens, q2 the skipped ones, scored by
-  one small module, LayerNorm(C) -> Linear(C, 1) (zero-initialised: an exact mean).
+- Split: per image, N_r tokens are *retained*, kept in raster order; which, a policy (`RETAIN`):
+  for LLaVA-1.5 those the CLS token attends to most (heads summed, in the vision layer whose
+  output is used); for LLaVA-NeXT (SV-LLaVA-HD) the base image's, the thumbnail.
+- Merge: the others (not LLaVA-NeXT's row-end newlines: dropped) are merged ToMe-style to N_s
+  *skipped* tokens (cosine redundancy; each source joins its most similar destination; plain
+  mean), in descending-redundancy order as the authors' code, or raster (`merge_order`).
+- Summary tokens: q1 softmax-pools the retained tokens, q2 the skipped ones, scored by one
+  small module, LayerNorm(C) -> Linear(C, 1) (zero-initialised: an exact mean).
 - Layout: [text][retained N_r][q1][skipped N_s][q2][text], positions contiguous over all of it.
 - Mask: `causal` (as the authors' code) or `consistent` (text after the image cannot see the
   skipped tokens, which makes prefill agree with Skip-KV decoding).
@@ -19,9 +19,8 @@ What the paper changes, and nothing else (everything else is vlm.py / llama.py):
 `arrange` is the seam: the plain model's input (vlm.LMInput) and where its images are
 (vlm.ImageTokens) in, the arranged input out: a gather over the plain rows (text, retained)
 plus the rows made here (merged, summary). This module imports neither vlm nor llama.
-
-Shapes: B batch, T tokens, I images, N tokens per image, M = N - N_r merge candidates,
-E rows made per image, C LLM width.
+Shapes: B batch, T tokens, I images (G of one size), N tokens per image, M merge
+candidates, E rows made per image, C LLM width.
 """
 from __future__ import annotations
 
@@ -48,14 +47,11 @@ def by_cls_attention(images, idx: list[int], n: int) -> torch.Tensor:
 
 
 def thumbnail(images, idx: list[int], n: int) -> torch.Tensor:
-    """The base image's tokens, which come first (SV-LLaVA-HD: the thumbnail is retained, the
-    tiles are merged); LLaVA-NeXT only. (G, n)"""
-    if images.part is None:
-        raise ConfigError("retain='thumbnail' needs LLaVA-NeXT's tiled images")
-    base = int((images.part[idx[0]] == 0).sum())
+    """LLaVA-NeXT's base image, whose tokens come first (SV-LLaVA-HD retains it). (G, n)"""
+    base = -1 if images.part is None else int((images.part[idx[0]] == 0).sum())
     if n != base:
-        raise ConfigError(f"retain='thumbnail' keeps the {base} tokens of the base image: "
-                          f"set retained={base}, not {n}")
+        raise ConfigError(f"retain='thumbnail' keeps the tokens of LLaVA-NeXT's base image: "
+                          f"set retained to their number ({base}), not {n}")
     return torch.arange(n, device=images.row.device).expand(len(idx), n)
 
 
@@ -80,9 +76,8 @@ class SkipConfig:
             mask=("str", ("causal", "consistent")), kv=("str", ("evict", "keep")),
             merge_order=("str", ("redundancy", "spatial")), retain=("str", tuple(RETAIN))))
         if self.layers is not None:
-            ok = isinstance(self.layers, (list, tuple)) and self.layers and all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
-            if not ok:
+            if not (isinstance(self.layers, (list, tuple)) and self.layers and all(
+                    type(i) is int and i >= 0 for i in self.layers)):
                 raise ConfigError(f"SkipConfig.layers must be null (all layers) or a non-empty "
                                   f"list of decoder layer numbers >= 0, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
@@ -183,9 +178,9 @@ def merge(x: torch.Tensor, n_out: int, order: str):
 
 
 def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
-    """(I, K) indices -> (I, n - K) the others, ascending."""
+    """(I, K) indices (as many distinct ones per row) -> (I, n - distinct) the others, ascending."""
     taken = torch.zeros(keep.shape[0], n, dtype=torch.bool, device=keep.device)
-    return (~taken.scatter(1, keep, True)).nonzero()[:, 1].view(keep.shape[0], n - keep.shape[1])
+    return (~taken.scatter(1, keep, True)).nonzero()[:, 1].view(keep.shape[0], -1)
 
 
 def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_layers: int,
@@ -211,8 +206,7 @@ def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_lay
     # positions run over the arranged sequence; the consistent mask hides skipped tokens
     pos, horizon = slots(valid)
     if skip.mask == "consistent" and segments:  # seen only up to their image's last token
-        sel = image >= 0
-        last = torch.full((len(segments),), -1, dtype=torch.long, device=pos.device)
+        sel, last = image >= 0, pos.new_full((len(segments),), -1)
         last = last.scatter_reduce(0, image[sel], pos[sel], "amax")
         horizon = torch.where(kind == SKIPPED, last[image.clamp(min=0)], horizon)
     col = torch.full((pad_row + 1,), -1, device=pos.device)  # arranged column of a table row
@@ -230,15 +224,21 @@ def _images(flat, T, images, skip, scorer, n_layers):
     segment (plain rows first, then B*T + made rows), their kinds, and where its tokens went."""
     I, q, made = len(images.cols), int(skip.summary), []
     segments, kinds, dests = [None] * I, [None] * I, [None] * I
-    for N in sorted({len(c) for c in images.cols}):
-        idx = [i for i, c in enumerate(images.cols) if len(c) == N]
+    # LLaVA-NeXT's row-end newlines are neither retained nor merged: they are dropped
+    ends = [(p == 2).nonzero()[:, 0] for p in images.part or [images.row[:0]] * I]
+    keys = [(len(c), len(e)) for c, e in zip(images.cols, ends)]
+    for N, n_end in sorted(set(keys)):
+        idx = [i for i, k in enumerate(keys) if k == (N, n_end)]
         skip.check(N, n_layers, tiled=images.part is not None)
         cols = torch.stack([images.cols[i] for i in idx])  # (G, N)
         keep = RETAIN[skip.retain](images, idx, skip.retained)  # (G, N_r)
-        rest = complement(keep, N)  # (G, M) merge candidates, raster order
+        gone = torch.cat([keep, torch.stack([ends[i] for i in idx])], 1)
+        rest = complement(gone, N)  # (G, M) merge candidates, raster order
         base = images.row[idx][:, None] * T  # (G, 1): flat row where each batch row starts
         keep_rows = base + cols.gather(1, keep)  # (G, N_r) flat plain rows
         n_s = min(skip.skipped, rest.shape[1])
+        if skip.summary and not n_s:
+            raise ConfigError("summary tokens pool skipped tokens: an image has none to skip")
         merged, _, slot = merge(flat[base + cols.gather(1, rest)], n_s, skip.merge_order)
         group = [merged]  # (G, N_s, C)
         if skip.summary:

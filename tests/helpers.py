@@ -1,10 +1,14 @@
 """Shared test helpers: tiny transformers LLaVA models, weight randomisation, comparisons."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import math
+import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -13,6 +17,7 @@ from PIL import Image
 
 from skipvision import Llava, from_hf
 from skipvision.io.keys import is_ignored, map_key
+from skipvision import anyres
 from skipvision.kv_cache import left_pad, slots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +137,26 @@ def llava_inputs(cfg, seed: int, lengths, images=1, dtype=torch.float64):
     return ids, mask.long(), pos, px.to(dtype) if sum(per_row) else None
 
 
+def next_inputs(cfg, seed: int, lengths, sizes, dtype=torch.float64):
+    """Left-padded prompts, one image each of sizes[b] = (height, width) at a random place;
+    pixel_values (I, tiles, 3, S, S) of random tiles, zero tiles after an image's own."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for L, (h, w) in zip(lengths, sizes):
+        text = torch.randint(0, cfg.text.vocab_size - 1, (L,), generator=g)
+        text[text == cfg.image_token_id] = 0
+        cut = int(torch.randint(0, L + 1, (1,), generator=g))
+        n = anyres.image_tokens(cfg, h, w)
+        rows.append(torch.cat([text[:cut], torch.full((n,), cfg.image_token_id), text[cut:]]))
+    ids, mask = left_pad(rows, 0)
+    tiles = [1 + r * c for r, c in (anyres.tile_grid(cfg, h, w) for h, w in sizes)]
+    S = cfg.vision.image_size
+    px = torch.randn(len(sizes), max(tiles), 3, S, S, generator=g, dtype=torch.float64)
+    for i, k in enumerate(tiles):
+        px[i, k:] = 0
+    return ids, mask.long(), slots(mask)[0], px.to(dtype), torch.tensor(sizes)
+
+
 def example_module(name: str = "generate"):
     """A script of examples/ imported as a module (its main() runs in-process); examples/ goes
     on sys.path, as it is for a script, for the helper modules beside it."""
@@ -187,6 +212,25 @@ def hf_image_processor(size: int):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     return CLIPImageProcessorPil(size={"shortest_edge": size},
                                  crop_size={"height": size, "width": size})
+
+
+def publish(cache: Path, repo_id: str, src: Path, revision: str = "main") -> str:
+    """Lay `src`'s files out as `repo_id` at `revision` in a Hub cache; returns the commit."""
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return commit
+
+
+@contextlib.contextmanager
+def offline_cache(cache: Path):
+    """HF_HUB_CACHE=cache, HF_HUB_OFFLINE=1 (huggingface_hub reads both at import: patch them)."""
+    import huggingface_hub.constants as c
+    with mock.patch.object(c, "HF_HUB_CACHE", str(cache)), mock.patch.object(c, "HF_HUB_OFFLINE",
+                                                                             True):
+        yield
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = ""):

@@ -55,3 +55,21 @@ def skips(draw, cfg, **fixed):
               merge_order=draw(st.sampled_from(["redundancy", "spatial"])))
     kw.update(fixed)
     return SkipConfig(**kw)
+
+
+GRIDS = [[(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)], [(1, 1)], [(2, 2), (1, 2)], [(2, 3), (1, 4)]]
+
+
+@st.composite
+def next_models(draw, dtype=torch.float64):
+    """(a tiny random LLaVA-NeXT, its seed): `models` with tile grids (GRIDS, in tiles of the
+    tower's size) and the 'default' strategy LLaVA-NeXT packs."""
+    model, seed = draw(models(dtype=dtype))
+    S = model.cfg.vision.image_size
+    grid = draw(st.sampled_from(GRIDS), label="grid")
+    cfg = model.cfg.replace(vision_feature_select_strategy="default",
+                            image_grid_pinpoints=[[r * S, c * S] for r, c in grid])
+    return randomize_(Llava(cfg), seed).to(dtype).eval(), seed
+
+
+image_sizes = st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=3)

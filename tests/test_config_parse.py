@@ -191,7 +191,7 @@ def test_unsupported_original_configs_say_why(change, message):
 
 
 @pytest.mark.parametrize("d,message", [
-    ({"model_type": "bert"}, "expected a llava config, got model_type 'bert'"),
+    ({"model_type": "bert"}, "expected a llava or llava_next config, got model_type 'bert'"),
     ({"model_type": "llava", "text_config": {"model_type": "qwen2"}}, "'qwen2' is not supported"),
     ({"model_type": "llava", "vision_config": {"model_type": "siglip_vision_model"}},
      "'siglip_vision_model' is not supported"),

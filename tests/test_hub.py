@@ -4,8 +4,6 @@ out by hand in a temporary directory (models--ORG--NAME/refs + snapshots), offli
 Every layout a LLaVA checkpoint comes in is written by transformers itself from one tiny
 random model, and each must give transformers' logits to 1e-9 in float64.
 """
-import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -13,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -21,30 +18,11 @@ from hypothesis import example, given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import assert_close, build_hf, hf_specs, llava_inputs
+from helpers import assert_close, build_hf, hf_specs, llava_inputs, offline_cache, publish
 from skipvision import load_pretrained
 from skipvision.errors import CheckpointError
 
 SENTINEL = -200  # original LLaVA's image placeholder
-
-
-def publish(cache: Path, repo_id: str, src: Path, revision: str = "main") -> str:
-    """Lay `src`'s files out as `repo_id` at `revision` in a Hub cache; returns the commit."""
-    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(src, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
-    return commit
-
-
-@contextlib.contextmanager
-def offline_cache(cache: Path):
-    """HF_HUB_CACHE=cache, HF_HUB_OFFLINE=1 (huggingface_hub reads both at import: patch them)."""
-    import huggingface_hub.constants as c
-    with mock.patch.object(c, "HF_HUB_CACHE", str(cache)), mock.patch.object(c, "HF_HUB_OFFLINE",
-                                                                             True):
-        yield
 
 
 def _rewrite(path: Path, rename):

@@ -83,8 +83,10 @@ def test_config_from_another_model_does_not_fit(saved, tmp_path):
 
 @pytest.mark.parametrize("config,message", [
     ({"model_type": "bert", "architectures": ["BertModel"]}, "describes a 'bert' model"),
-    ({"model_type": "llava", "text_config": {"model_type": "mistral"}}, "'mistral' is not "
-                                                                        "supported"),
+    ({"model_type": "llava", "text_config": {"model_type": "qwen2"}}, "'qwen2' is not "
+                                                                      "supported"),
+    ({"model_type": "llava", "text_config": {"model_type": "mistral"}},  # its default window
+     "sliding_window 4096: sliding-window attention is not implemented"),
     ("{not json", "is not valid JSON"),
 ])
 def test_configs_of_other_models_are_refused(saved, tmp_path, config, message):

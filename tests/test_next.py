@@ -1,17 +1,14 @@
 """LLaVA-NeXT (any-resolution tiles) against transformers' LlavaNextForConditionalGeneration
 and LlavaNextProcessor on the same weights and images."""
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import assert_close, hf_specs, make_image, ours_from_hf, randomize_
+from helpers import assert_close, hf_specs, make_image, next_inputs, ours_from_hf, randomize_
 from skipvision import anyres, generate
 from skipvision.io.images import ImageProcessor
-from skipvision.kv_cache import left_pad, slots
-
-GRIDS = [[(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)], [(1, 1)], [(2, 2), (1, 2)], [(2, 3), (1, 4)]]
-
+from next_configs import NEXT_PINS, REAL
+from strategies import GRIDS, image_sizes
 
 @st.composite
 def next_specs(draw):
@@ -45,29 +42,6 @@ def build_hf_next(spec: dict, seed: int, dtype=torch.float64):
     ours = from_hf(cfg.to_dict())
     return make_float64(hf, ours.text.rope, ours.text.head_dim) if dtype == torch.float64 else (
         hf.to(dtype))
-
-
-def next_inputs(cfg, seed: int, lengths, sizes, dtype=torch.float64):
-    """Left-padded prompts, one image each of sizes[b] = (height, width) at a random place;
-    pixel_values (I, tiles, 3, S, S) of random tiles, zero tiles after an image's own."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for L, (h, w) in zip(lengths, sizes):
-        text = torch.randint(0, cfg.text.vocab_size - 1, (L,), generator=g)
-        text[text == cfg.image_token_id] = 0
-        cut = int(torch.randint(0, L + 1, (1,), generator=g))
-        n = anyres.image_tokens(cfg, h, w)
-        rows.append(torch.cat([text[:cut], torch.full((n,), cfg.image_token_id), text[cut:]]))
-    ids, mask = left_pad(rows, 0)
-    tiles = [1 + r * c for r, c in (anyres.tile_grid(cfg, h, w) for h, w in sizes)]
-    S = cfg.vision.image_size
-    px = torch.randn(len(sizes), max(tiles), 3, S, S, generator=g, dtype=torch.float64)
-    for i, k in enumerate(tiles):
-        px[i, k:] = 0
-    return ids, mask.long(), slots(mask)[0], px.to(dtype), torch.tensor(sizes)
-
-
-image_sizes = st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=3)
 
 
 @settings(max_examples=50)
@@ -127,3 +101,27 @@ def test_processor_equals_transformers_llava_next_processor(w, h, grid, mode, se
     counter.num_additional_image_tokens, counter.vision_feature_select_strategy = 1, "default"
     n = counter._get_number_of_features(h, w, S, S) - 1
     assert anyres.image_tokens(cfg, h, w) == n
+
+
+@pytest.mark.parametrize("repo", sorted(REAL))
+def test_the_real_next_configs_build_transformers_parameters_on_meta(repo):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    from skipvision import Llava, from_hf
+    from skipvision.io.keys import map_key
+    d = REAL[repo]
+    with torch.device("meta"):
+        ours = Llava(from_hf(d))
+        theirs = LlavaNextForConditionalGeneration(LlavaNextConfig.from_dict(d))
+    shapes = lambda m, f: {f(k): tuple(p.shape) for k, p in m.named_parameters()}  # noqa: E731
+    assert shapes(ours, str) == shapes(theirs, map_key)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in theirs.parameters()) and 7.0e9 < n < 7.7e9
+    cfg = ours.cfg
+    assert cfg.image_grid_pinpoints == tuple(map(tuple, NEXT_PINS)) and cfg.image_seq_length == 576
+    if "mistral" in repo:
+        assert cfg.text.num_key_value_heads == 8 and cfg.text.rope.theta == 1e6
+        with pytest.raises(ValueError, match="sliding_window 4096"):
+            from_hf({**d, "text_config": {**d["text_config"], "sliding_window": 4096}})
+    # a 640 x 480 photo: 2 x 2 tiles of 672 x 672 (a 48 x 48 grid), 36 rows after unpadding
+    assert anyres.tile_grid(cfg, 480, 640) == (2, 2)
+    assert anyres.image_tokens(cfg, 480, 640) == 576 + 36 * (48 + 1)

@@ -34,11 +34,13 @@ H / Hkv query / key-value heads, D head dim, F FFN width, V vocab, I images, P v
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .. import anyres
 from ..config import LlavaConfig, TextConfig
 from ..errors import InputError
 from ..skip import PRESETS, SkipConfig
@@ -59,29 +61,66 @@ class Geometry:
         return max((self.width - s for s in self.n_skipped), default=0)
 
 
-def _per_row(v, batch: int) -> tuple[int, ...]:
+def _per_row(v, batch: int) -> tuple:
     return (v,) * batch if isinstance(v, int) else tuple(v)
 
 
-def geometry(cfg: LlavaConfig, text: int | Sequence[int], images: int | Sequence[int] = 1,
+def _image_rows(images, batch: int) -> tuple:
+    """Per batch row, its images: a count (LLaVA-1.5) or a list of (height, width) (LLaVA-NeXT).
+    An int is every row's count; a list of (height, width) is one row's."""
+    if not isinstance(images, int) and images and isinstance(images[0], tuple):
+        return (list(images),)
+    return _per_row(images, batch)
+
+
+def image_counts(cfg: LlavaConfig, images) -> list[tuple[int, int, int]]:
+    """(tokens, tiles, row-end newlines) of each image. `images`: how many (LLaVA-1.5, whose
+    images are all alike) or the (height, width) of each (LLaVA-NeXT: counts by size)."""
+    if isinstance(images, int):
+        if cfg.image_grid_pinpoints:
+            raise InputError("LLaVA-NeXT's token counts depend on each image's size: give the "
+                             "(height, width) of each image")
+        return [(cfg.image_seq_length, 1, 0)] * images
+    g = cfg.vision.image_size // cfg.vision.patch_size
+    out = []
+    for h, w in images:
+        rows, cols = anyres.tile_grid(cfg, h, w)
+        top, bottom, _, _ = anyres.unpad(rows * g, cols * g, h, w)
+        out.append((anyres.image_tokens(cfg, h, w), 1 + rows * cols, bottom - top))
+    return out
+
+
+def merged(skip: SkipConfig, n: int, newlines: int) -> tuple[int, int]:
+    """(merge candidates M, skipped tokens) of an image of n tokens: what is neither retained
+    nor a newline (Skip-Vision drops LLaVA-NeXT's newlines), merged to at most N_s."""
+    M = max(0, n - newlines - skip.retained)
+    return M, min(skip.skipped, M)
+
+
+def geometry(cfg: LlavaConfig, text: int | Sequence[int], images=1,
              skip: SkipConfig | None = None) -> Geometry:
-    """From explicit counts: `text` tokens and `images` images per row (ints: a batch of 1)."""
+    """From explicit counts: `text` tokens and `images` images per row (ints: a batch of 1;
+    for LLaVA-NeXT a list of (height, width) per row, see `image_counts`)."""
     text = _per_row(text, 1) if isinstance(text, int) else tuple(text)
-    images = _per_row(images, len(text))
+    images = _image_rows(images, len(text))
     if len(images) != len(text):
         raise InputError(f"{len(text)} rows of text but {len(images)} rows of images")
-    n, L = cfg.image_seq_length, cfg.text.num_hidden_layers
-    if skip is None:
-        per_image, n_skipped = n, (0,) * len(text)
-    else:
-        skip.check(n, L)
-        per_image = skip.retained + skip.skipped + 2 * skip.summary
-        n_skipped = tuple(i * skip.skipped for i in images)
-    lengths = [t + i * per_image for t, i in zip(text, images)]
+    L, lengths, n_skipped = cfg.text.num_hidden_layers, [], []
+    for t, row in zip(text, images):
+        counts = image_counts(cfg, row)
+        if skip is None:
+            lengths.append(t + sum(n for n, _, _ in counts))
+            n_skipped.append(0)
+            continue
+        for n, _, _ in counts:
+            skip.check(n, L, tiled=cfg.image_grid_pinpoints is not None)
+        kept = [merged(skip, n, e)[1] for n, _, e in counts]
+        lengths.append(t + sum(skip.retained + k + 2 * skip.summary for k in kept))
+        n_skipped.append(sum(kept))
     B, T = len(text), max(lengths, default=0)
     layers = set() if skip is None else set(skip.ffn_layers(L))
     ffn = tuple(B * T - sum(n_skipped) * (i in layers) for i in range(L))
-    return Geometry(B, T, ffn, n_skipped)
+    return Geometry(B, T, ffn, tuple(n_skipped))
 
 
 def geometry_of(inp, cfg: LlavaConfig) -> Geometry:
@@ -124,25 +163,29 @@ def training_step(cfg: LlavaConfig, g: Geometry) -> dict:
     return dict(forward=fwd, backward=2 * fwd, total=3 * fwd)
 
 
-def vision(cfg: LlavaConfig, images: int, skip: SkipConfig | None = None) -> dict:
-    """FLOPs of the vision side for `images` images: tower, projector, Skip-Vision's extras."""
+def vision(cfg: LlavaConfig, images=1, skip: SkipConfig | None = None) -> dict:
+    """FLOPs of the vision side for `images` (see `image_counts`): tower, projector,
+    Skip-Vision's extras; LLaVA-NeXT's tower and projector run on every tile."""
     v, C = cfg.vision, cfg.text.hidden_size
-    Cv, P, N = v.hidden_size, v.num_positions, cfg.image_seq_length
+    Cv, P = v.hidden_size, v.num_positions
+    counts = image_counts(cfg, images)
+    tiles = sum(k for _, k, _ in counts)
     layers_run = max(cfg.feature_layers)  # vision.VisionTower.hidden_states stops there
     layer = 2 * P * (4 * Cv * Cv + 2 * Cv * v.intermediate_size) + 4 * P * P * Cv
     d_in = Cv * len(cfg.feature_layers)
-    out = dict(patch_embedding=2 * images * v.num_patches * Cv * v.num_channels * v.patch_size ** 2,
-               tower=images * layers_run * layer,
-               projector=2 * images * N * (d_in * C + C * C),
+    out = dict(patch_embedding=2 * tiles * v.num_patches * Cv * v.num_channels * v.patch_size ** 2,
+               tower=tiles * layers_run * layer,
+               projector=2 * tiles * cfg.image_seq_length * (d_in * C + C * C),
                split=0, merge=0, summary=0)
     if skip is not None:
-        out["split"] = images * 2 * Cv * (Cv + P * Cv + P)  # CLS query, keys, scores
-        M = N - skip.retained  # merge candidates
-        out["merge"] = 2 * images * M * M * C if skip.skipped else 0  # cosine matrix
-        if skip.summary and cfg.summary_scorer:  # scorer Linear(C, 1), then the weighted sum, which
-            # torch.einsum runs as a product only over more than one token (else elementwise)
-            pooled = sum(m for m in (skip.retained, skip.skipped) if m > 1)
-            out["summary"] = 2 * images * (skip.retained + skip.skipped + pooled) * C
+        out["split"] = tiles * 2 * Cv * (Cv + P * Cv + P)  # CLS query, keys, scores
+        for n, _, newlines in counts:
+            M, n_s = merged(skip, n, newlines)
+            out["merge"] += 2 * M * M * C if n_s else 0  # cosine matrix
+            if skip.summary and cfg.summary_scorer:  # scorer Linear(C, 1), then the weighted
+                # sum, which torch.einsum runs as a product only over more than one token
+                pooled = [m for m in (skip.retained, n_s) if m > 1]
+                out["summary"] += 2 * (skip.retained + n_s + sum(pooled)) * C
     out["total"] = sum(out.values())
     return out
 
@@ -187,7 +230,9 @@ def compare(cfg: LlavaConfig, text: int | Sequence[int] = 64, images: int | Sequ
     """
     skip = PRESETS[skip] if isinstance(skip, str) else skip
     gp, gs = geometry(cfg, text, images, None), geometry(cfg, text, images, skip)
-    n_img = sum(_per_row(images, gp.batch))
+    rows = _image_rows(images, gp.batch)
+    n_img = (sum(rows) if all(isinstance(r, int) for r in rows) else  # images, or their sizes
+             [hw for r in rows for hw in r])
     steps = range(max(new_tokens - 1, 0))
     dec = lambda g, ev: sum(decode_step(cfg, g, t, ev)["total"] for t in steps)
     dec_bytes = lambda g, ev: sum(decode_bytes(cfg, g, t, ev, dtype) for t in steps)
