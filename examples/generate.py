@@ -103,10 +103,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def flops_both_paths(cfg, text_tokens: int, n_images: int, skip, new_tokens: int, dtype):
-    """Analytic FLOPs (skipvision/analysis/flops.py): plain and Skip-Vision, or plain only when no
-    Skip-Vision setting was asked for. The single place this script computes FLOPs."""
-    out = flops.compare(cfg, text_tokens, n_images, skip or SkipConfig(0, 0, summary=False),
+def flops_both_paths(cfg, text_tokens: int, images, skip, new_tokens: int, dtype):
+    """Analytic FLOPs (skipvision/analysis/flops.py): plain and Skip-Vision, or plain only when
+    no Skip-Vision setting was asked for; `images` a count, or LLaVA-NeXT's (height, width)s.
+    The single place this script computes FLOPs."""
+    out = flops.compare(cfg, text_tokens, images, skip or SkipConfig(0, 0, summary=False),
                         max(new_tokens, 1), dtype)
     if skip is None:
         out = {part: {"plain": v["plain"]} for part, v in out.items() if "plain" in v}
@@ -140,8 +141,8 @@ def main(argv=None):
     question = a.prompt or example.get("prompt", example.get("question", "What is in the image?"))
     if image is None:
         fail("--image is required for this checkpoint (it ships no example image)")
-    for skip in skips:
-        if skip is not None:
+    for skip in skips:  # before any work (LLaVA-NeXT's counts depend on the image: later)
+        if skip is not None and not model.cfg.image_grid_pinpoints:
             skip.check(model.cfg.image_seq_length, model.cfg.text.num_hidden_layers)
     inputs = processor(processor.format(question, a.template), [image])
     n_prompt = inputs["input_ids"].shape[1]
@@ -185,10 +186,13 @@ def answer(model, processor, inputs, skip, a) -> dict:
     gen = generate(model, inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
                    inputs["attention_mask"], max_new_tokens=a.max_new_tokens,
                    temperature=a.temperature, top_p=a.top_p, generator=generator, skip=skip,
-                   on_token=stream)
+                   on_token=stream, image_sizes=inputs.get("image_sizes"))
     n_new, kv = int(gen.lengths[0]), gen.kv_bytes
     decode_s = arrived[n_new - 1] - arrived[0] if n_new > 1 else None
-    n_prompt, n_image = inputs["input_ids"].shape[1], model.cfg.image_seq_length
+    n_prompt = inputs["input_ids"].shape[1]
+    n_image = int((inputs["input_ids"] == model.cfg.image_token_id).sum())
+    sizes = inputs.get("image_sizes")  # LLaVA-NeXT: the FLOPs depend on the image's size
+    images = 1 if sizes is None else [tuple(s) for s in sizes.tolist()]
     t = model.cfg.text  # one cached token: K and V in every layer
     slot = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model_dtype(
         model).itemsize
@@ -204,7 +208,7 @@ def answer(model, processor, inputs, skip, a) -> dict:
         tokens_kept_in_cache=kv["after_eviction"] // slot,
         peak_memory_bytes=peak_memory_bytes(device),
         skip=None if skip is None else vars(skip),
-        flops=flops_both_paths(model.cfg, n_prompt - n_image, 1, skip, n_new,
+        flops=flops_both_paths(model.cfg, n_prompt - n_image, images, skip, n_new,
                                model_dtype(model)))
 
 

@@ -100,6 +100,26 @@ def build_hf(spec: dict, seed: int, dtype=torch.float64):
     return hf
 
 
+def build_hf_next(spec: dict, seed: int, dtype=torch.float64):
+    from transformers import (AutoConfig, CLIPVisionConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
+    from reference.hf_float64 import make_float64
+    from skipvision import from_hf
+    text = dict(spec["text"])
+    text = AutoConfig.for_model(text.pop("model_type", "llama"), **text)
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=text,
+                          image_token_id=spec["image_token_id"],
+                          vision_feature_layer=spec["vision_feature_layer"],
+                          vision_feature_select_strategy="default",
+                          image_grid_pinpoints=spec["image_grid_pinpoints"],
+                          tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    hf = randomize_(LlavaNextForConditionalGeneration(cfg).eval(), seed)
+    ours = from_hf(cfg.to_dict())
+    return make_float64(hf, ours.text.rope, ours.text.head_dim) if dtype == torch.float64 else (
+        hf.to(dtype))
+
+
 def ours_from_hf(hf) -> Llava:
     """Our model with `hf`'s weights (transformers 5 in-memory names mapped by keys.py)."""
     model = Llava(from_hf(hf.config.to_dict())).eval()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from helpers import randomize_
+from helpers import hf_specs, randomize_
 from skipvision import Llava, LlavaConfig, SkipConfig, TextConfig, VisionConfig
 
 lengths = st.lists(st.integers(0, 5), min_size=1, max_size=3)  # text tokens per batch row
@@ -73,3 +73,17 @@ def next_models(draw, dtype=torch.float64):
 
 
 image_sizes = st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=3)
+
+
+@st.composite
+def next_specs(draw):
+    """hf_specs with tile grids (in tiles of the tower's size) and a LLaMA or Mistral LM."""
+    spec = draw(hf_specs(max_layers=2))
+    spec["vision_feature_select_strategy"] = "default"
+    if spec["vision_feature_layer"] == 0:  # its negative twin: transformers 5.24's NeXT loses 0
+        spec["vision_feature_layer"] = -(spec["vision"]["num_hidden_layers"] + 1)
+    S = spec["vision"]["image_size"]
+    spec["image_grid_pinpoints"] = [[r * S, c * S] for r, c in draw(st.sampled_from(GRIDS))]
+    if draw(st.booleans(), label="mistral"):
+        spec["text"].update(model_type="mistral", sliding_window=None)
+    return spec

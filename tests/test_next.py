@@ -4,45 +4,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import assert_close, hf_specs, make_image, next_inputs, ours_from_hf, randomize_
+from helpers import assert_close, build_hf_next, make_image, next_inputs, ours_from_hf
 from skipvision import anyres, generate
 from skipvision.io.images import ImageProcessor
 from next_configs import NEXT_PINS, REAL
-from strategies import GRIDS, image_sizes
-
-@st.composite
-def next_specs(draw):
-    """hf_specs with tile grids (in tiles of the tower's size) and a LLaMA or Mistral LM."""
-    spec = draw(hf_specs(max_layers=2))
-    spec["vision_feature_select_strategy"] = "default"
-    if spec["vision_feature_layer"] == 0:  # its negative twin: transformers 5.24's NeXT loses 0
-        spec["vision_feature_layer"] = -(spec["vision"]["num_hidden_layers"] + 1)
-    S = spec["vision"]["image_size"]
-    spec["image_grid_pinpoints"] = [[r * S, c * S] for r, c in draw(st.sampled_from(GRIDS))]
-    if draw(st.booleans(), label="mistral"):
-        spec["text"].update(model_type="mistral", sliding_window=None)
-    return spec
-
-
-def build_hf_next(spec: dict, seed: int, dtype=torch.float64):
-    from transformers import (AutoConfig, CLIPVisionConfig, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration)
-    from reference.hf_float64 import make_float64
-    from skipvision import from_hf
-    text = dict(spec["text"])
-    text = AutoConfig.for_model(text.pop("model_type", "llama"), **text)
-    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=text,
-                          image_token_id=spec["image_token_id"],
-                          vision_feature_layer=spec["vision_feature_layer"],
-                          vision_feature_select_strategy="default",
-                          image_grid_pinpoints=spec["image_grid_pinpoints"],
-                          tie_word_embeddings=spec["text"]["tie_word_embeddings"])
-    torch.manual_seed(seed)
-    hf = randomize_(LlavaNextForConditionalGeneration(cfg).eval(), seed)
-    ours = from_hf(cfg.to_dict())
-    return make_float64(hf, ours.text.rope, ours.text.head_dim) if dtype == torch.float64 else (
-        hf.to(dtype))
-
+from strategies import GRIDS, image_sizes, next_specs
 
 @settings(max_examples=50)
 @given(spec=next_specs(), seed=st.integers(0, 2**16), sizes=image_sizes, data=st.data())

@@ -60,7 +60,8 @@ def test_layout_says_where_every_token_came_from_and_went(m, data, lens, n_img):
     assert torch.equal(inp.embeds[copied], flat[lay.index[copied]])
     assert set(lay.kind[copied].tolist()) <= {TEXT, RETAINED}
     n_text = int(mask.sum()) - n_img * len(lens) * model.cfg.image_seq_length
-    assert int((lay.kind == TEXT).sum()) == n_text and bool((lay.kind[~inp.attention_mask] == PAD).all())
+    assert int((lay.kind == TEXT).sum()) == n_text
+    assert bool((lay.kind[~inp.attention_mask] == PAD).all())
     feats = model.image_features(px)[0] if n_img else None  # per image (N, C)
     for i in range(n_img * len(lens)):
         b = int((lay.image == i).any(1).nonzero())

@@ -34,7 +34,6 @@ H / Hkv query / key-value heads, D head dim, F FFN width, V vocab, I images, P v
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
