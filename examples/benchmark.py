@@ -50,11 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--preset", default="sv-llava-100-156",
-                   help="Skip-Vision setting for the detailed comparison: a preset name "
-                        f"({', '.join(PRESETS)}) or R/S (default: sv-llava-100-156)")
-    p.add_argument("--sweep", default=",".join(LLAVA_15),
-                   help="comma-separated settings for the N_r/N_s plot (default: all presets)")
+    p.add_argument("--preset", help="Skip-Vision setting for the detailed comparison: a preset "
+                   f"name ({', '.join(PRESETS)}) or R/S (default: sv-llava-100-156; for the "
+                   "next-* sizes sv-llava-hd-576-576)")
+    p.add_argument("--sweep", help="comma-separated settings for the N_r/N_s plot (default: "
+                   "the LLaVA-1.5 presets; for next-* sizes the HD preset)")
+    p.add_argument("--image-size", default="672x672", help="LLaVA-NeXT sizes: the image's "
+                   "height x width (default 672x672: the thumbnail and 4 tiles, 5 x 576 tokens)")
     p.add_argument("--text", type=int, default=64, help="text tokens in the prompt, around the "
                    "image (default: 64, a LLaVA-1.5 system prompt + question)")
     p.add_argument("--batch", type=int, default=1, help="prompts per batch (default: 1)")
@@ -65,6 +67,12 @@ def parse_args(argv=None):
                    + ", ".join(PARTS))
     p.add_argument("--out", default="examples/results", help="default: examples/results")
     a = p.parse_args(argv)
+    next_ = "next" in a.size
+    a.preset = a.preset or ("sv-llava-hd-576-576" if next_ else "sv-llava-100-156")
+    a.sweep = a.sweep or ("sv-llava-hd-576-576" if next_ else ",".join(LLAVA_15))
+    if not all(x.isdigit() and int(x) > 0 for x in a.image_size.split("x")) or (
+            a.image_size.count("x") != 1):
+        p.error(f"--image-size {a.image_size!r}: height x width in pixels, such as 672x672")
     bad = sorted(set(filter(None, a.skip_parts.split(","))) - set(PARTS))
     if bad:
         p.error(f"--skip-parts {bad}: choose from {', '.join(PARTS)}")
@@ -95,7 +103,7 @@ def paper_ratios(texts=(0, 16, 32, 64)) -> dict:
     for several text lengths; the paper prints 25% (100/156) and 60% (256/320)."""
     out = {}
     for lm in ("llama3-8b", "llava-1.5-7b"):
-        text, vision = SIZES[lm]
+        text, vision = SIZES[lm][:2]
         cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text))
         out[lm] = {name: {t: flops.compare(cfg, t, 1, skip)["prefill"]["ratio"] for t in texts}
                    for name, skip in PRESETS.items() if name in LLAVA_15}
@@ -111,8 +119,10 @@ def run(a) -> dict:
     cfg, skip, steps = model.cfg, parse_skip(a.preset), a.new_tokens
     L, sk = cfg.text.num_hidden_layers, label(skip)
     sweep = [] if "sweep" in skip_parts else [parse_skip(s) for s in a.sweep.split(",")]
-    ids, mask, px = prompt(cfg, a.text, a.batch, a.device)
-    counts = dict(text=[a.text] * a.batch, images=[1] * a.batch)
+    size = tuple(int(x) for x in a.image_size.split("x"))
+    ids, mask, px, extra = prompt(cfg, a.text, a.batch, a.device, size)
+    images = [[size]] * a.batch if cfg.image_grid_pinpoints else [1] * a.batch
+    counts = dict(text=[a.text] * a.batch, images=images)
     res["config"] = dict(text=vars(cfg.text) | {"rope": vars(cfg.text.rope)},
                          vision=vars(cfg.vision), image_tokens=cfg.image_seq_length)
     fl = res["flops"] = flops.compare(cfg, **counts, skip=skip, new_tokens=steps + 1,
@@ -123,27 +133,28 @@ def run(a) -> dict:
           f"{fl['tokens']['plain']} tokens plain, {fl['tokens']['skip']} Skip-Vision {sk}",
           file=sys.stderr)
     with torch.inference_mode():
-        inp = {"plain": model.prepare(ids, px, mask), sk: model.prepare(ids, px, mask, skip=skip)}
+        inp = {"plain": model.prepare(ids, px, mask, **extra),
+               sk: model.prepare(ids, px, mask, skip=skip, **extra)}
         for s in sweep:
-            inp.setdefault(label(s), model.prepare(ids, px, mask, skip=s))
+            inp.setdefault(label(s), model.prepare(ids, px, mask, skip=s, **extra))
         res["lm_prefill"] = lib.summary(lib.interleaved({n: lm_prefill_case(model, x)
                                                  for n, x in inp.items()}, a), "plain")
         hf = None if "hf" in skip_parts else hf_twin(model, a)
         e2e = {name: (lambda: None, lambda _, s=s: prefill(
-            model, model.prepare(ids, px, mask, skip=s), KVCache(L)))
+            model, model.prepare(ids, px, mask, skip=s, **extra), KVCache(L)))
             for name, s in (("plain", None), (sk, skip))}
         dec = {"plain": decode_case(model, inp["plain"], False, steps),
                "keep": decode_case(model, inp[sk], False, steps),
                "evict": decode_case(model, inp[sk], True, steps)}
         if hf is not None:
-            e2e["transformers"] = (lambda: None, lambda _: hf_prefill(hf, ids, px))
-            dec["transformers"] = hf_decode_case(hf, ids, px, steps)
+            e2e["transformers"] = (lambda: None, lambda _: hf_prefill(hf, ids, px, extra))
+            dec["transformers"] = hf_decode_case(hf, ids, px, extra, steps)
             ours = prefill(model, inp["plain"], KVCache(L)).float()
-            theirs = hf_prefill(hf, ids, px).logits[:, -1].float()
+            theirs = hf_prefill(hf, ids, px, extra).logits[:, -1].float()
             res["transformers_max_abs_logit_diff"] = (ours - theirs).abs().max().item()
         res["prefill"] = lib.summary(lib.interleaved(e2e, a), "plain")
         res["decode"] = lib.summary(lib.interleaved(dec, a), "plain", per=steps)
-        res["kv_bytes"] = kv_bytes(model, inp["plain"], inp[sk], skip)
+        res["kv_bytes"] = kv_bytes(model, inp["plain"], inp[sk], fl["tokens"]["skipped"] // a.batch)
         if "memory" not in skip_parts:
             res["peak_prefill_bytes"] = {n: lib.peak_bytes(lambda r=r: r(None), a.device)
                                          for n, (_, r) in e2e.items() if n != "transformers"}
@@ -153,8 +164,8 @@ def run(a) -> dict:
     if "train" not in skip_parts:
         model.train()
         with torch.no_grad():  # autograd cannot save inference tensors
-            tin = {"plain": model.prepare(ids, px, mask),
-                   sk: model.prepare(ids, px, mask, skip=skip)}
+            tin = {"plain": model.prepare(ids, px, mask, **extra),
+                   sk: model.prepare(ids, px, mask, skip=skip, **extra)}
         opt = adamw(model.language_model.parameters())
         tr = {name: train_case(model, x, opt) for name, x in tin.items()}
         res["train"] = lib.summary(lib.interleaved(tr, a), "plain")

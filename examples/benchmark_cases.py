@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from skipvision import KVCache, Llava, LlavaConfig, TextConfig, VisionConfig
+from skipvision import KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, anyres
 from skipvision.generate import decode_step, prefill
 
 import benchmark_lib as lib  # examples/, next to this file
@@ -24,16 +24,19 @@ SIZES = {  # LM (TextConfig fields), vision (VisionConfig fields)
     "llama3-8b": (dict(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8,
                        rms_norm_eps=1e-5), CLIP_L_336),  # SV-LLaVA's LM
 }
+NEXT = dict(image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+SIZES |= {"next-cpu": SIZES["cpu"] + (NEXT,),  # LLaVA-NeXT (llava-hf/llava-v1.6-*) tiles
+          "llava-next-7b": SIZES["llava-1.5-7b"] + (NEXT,)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
 def build(a) -> Llava:
     """A model of --size proportions in --dtype on --device, random weights."""
-    text, vision = SIZES[a.size]
+    text, vision, *more = SIZES[a.size]
     text = dict(text, num_hidden_layers=a.layers or text.get("num_hidden_layers", 32))
     cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text),
-                      image_token_id=text["vocab_size"] - 1)
+                      image_token_id=text["vocab_size"] - 1, **(more[0] if more else {}))
     torch.manual_seed(0)
     with torch.device(a.device), lib.default_dtype(DTYPES[a.dtype]), torch.no_grad():
         model = Llava(cfg)  # built in its dtype: a 7B model never exists in float32
@@ -45,15 +48,21 @@ def build(a) -> Llava:
     return model.eval()
 
 
-def prompt(cfg: LlavaConfig, text: int, batch: int, device):
-    """`batch` prompts: text/2 tokens, one image (expanded), text - text/2 tokens."""
+def prompt(cfg: LlavaConfig, text: int, batch: int, device, size=(672, 672)):
+    """`batch` prompts: text/2 tokens, one image (expanded), text - text/2 tokens. Returns ids,
+    mask, pixels and, for LLaVA-NeXT, {"image_sizes": ...} (images of `size`, height x width)."""
     g = torch.Generator().manual_seed(0)
     words = torch.randint(0, cfg.image_token_id, (batch, text), generator=g)
-    image = torch.full((batch, cfg.image_seq_length), cfg.image_token_id)
+    n, S, extra = cfg.image_seq_length, cfg.vision.image_size, {}
+    shape = (batch, 3, S, S)
+    if cfg.image_grid_pinpoints:
+        n, rows_cols = anyres.image_tokens(cfg, *size), anyres.tile_grid(cfg, *size)
+        shape = (batch, 1 + rows_cols[0] * rows_cols[1], 3, S, S)
+        extra = {"image_sizes": torch.tensor([size] * batch, device=device)}
+    image = torch.full((batch, n), cfg.image_token_id)
     ids = torch.cat([words[:, :text // 2], image, words[:, text // 2:]], 1)
-    S = cfg.vision.image_size
-    px = torch.randn(batch, 3, S, S, generator=g)
-    return ids.to(device), torch.ones_like(ids, dtype=torch.bool), px.to(device)
+    px = torch.randn(shape, generator=g)
+    return ids.to(device), torch.ones_like(ids, dtype=torch.bool), px.to(device), extra
 
 
 def lm_prefill_case(model, inp):
@@ -110,33 +119,35 @@ def adamw(params):
 def hf_twin(model, a):
     """transformers' LlavaForConditionalGeneration holding our model's weights, or None."""
     try:
-        from transformers import LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
+        import transformers
     except ImportError:
         print("transformers is not installed: skipping the comparison with it", file=sys.stderr)
         return None
     from skipvision import to_hf
     from skipvision.io.keys import is_ignored, map_key
-    cfg = HFLlavaConfig.from_dict(to_hf(model.cfg))
+    d = to_hf(model.cfg)
+    name = d["architectures"][0]  # LlavaForConditionalGeneration or LlavaNext...
+    cfg = getattr(transformers, name.replace("ForConditionalGeneration", "Config")).from_dict(d)
     cfg._attn_implementation = "sdpa"  # transformers' fastest built-in attention on CPU and GPU
     with torch.device(a.device), lib.default_dtype(DTYPES[a.dtype]):
-        hf = LlavaForConditionalGeneration(cfg).eval()
+        hf = getattr(transformers, name)(cfg).eval()
     ours = model.state_dict()
     hf.load_state_dict({k: ours[map_key(k)] for k in hf.state_dict() if not is_ignored(k)},
                        strict=True)
     return hf
 
 
-def hf_prefill(hf, ids, px):
+def hf_prefill(hf, ids, px, extra):
     """transformers' prefill, in its fastest form: no mask (no padding), last logits only."""
-    return hf(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1)
+    return hf(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1, **extra)
 
 
-def hf_decode_case(hf, ids, px, steps):
+def hf_decode_case(hf, ids, px, extra, steps):
     import inspect
     name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
     def setup():
-        out = hf_prefill(hf, ids, px)
+        out = hf_prefill(hf, ids, px, extra)
         return getattr(out, name), out.logits[:, -1].argmax(-1)
 
     def run(state):
@@ -147,7 +158,7 @@ def hf_decode_case(hf, ids, px, steps):
     return setup, run
 
 
-def kv_bytes(model, plain, sv, skip) -> dict:
+def kv_bytes(model, plain, sv, n_skipped: int) -> dict:
     """KVCache.nbytes() after prefill: plain, Skip-Vision kept, Skip-Vision evicted."""
     out = {}
     for name, inp, evict in (("plain", plain, False), ("keep", sv, False), ("evict", sv, True)):
@@ -157,6 +168,5 @@ def kv_bytes(model, plain, sv, skip) -> dict:
             cache.keep(~inp.layout.is_skipped)
         out[name] = cache.nbytes()
     n = sv.embeds.shape[1]  # every row has the same arranged length n and N_s skipped tokens
-    out["evict_is_exactly_(n-N_s)/n_of_keep"] = out["evict"] * n == out["keep"] * (
-        n - skip.skipped)
+    out["evict_is_exactly_(n-N_s)/n_of_keep"] = out["evict"] * n == out["keep"] * (n - n_skipped)
     return out
