@@ -138,3 +138,21 @@ def test_generate_example_on_a_tiny_next_checkpoint_from_an_offline_hub_cache(tm
         generate(model, inputs["input_ids"], inputs["pixel_values"].double(),
                  inputs["attention_mask"], image_sizes=inputs["image_sizes"],
                  skip=__import__("skipvision").SkipConfig(retained=3, retain="thumbnail"))
+
+
+@pytest.mark.parametrize("text_config,template,card", [  # the llava-hf model cards' prompts
+    ({"model_type": "mistral", "sliding_window": None}, "mistral_instruct",
+     "[INST] <image>\nWhat is shown in this image? [/INST]"),
+    ({"model_type": "llama"}, "vicuna_next",
+     "A chat between a curious human and an artificial intelligence assistant. The assistant "
+     "gives helpful, detailed, and polite answers to the human's questions. USER: <image>\n"
+     "What is shown in this image? ASSISTANT:"),
+    ({"model_type": "llama", "vocab_size": 64064}, "chatml",
+     "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is "
+     "shown in this image?<|im_end|><|im_start|>assistant\n")])
+def test_next_checkpoints_get_their_model_cards_chat_template(text_config, template, card):
+    from skipvision.io.loading import _template
+    config = {"model_type": "llava_next", "text_config": text_config}
+    assert _template(config) == template
+    ours, _ = processors()
+    assert ours.format("What is shown in this image?", template) == card

@@ -54,7 +54,7 @@ def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, dev
     if not is_original(config):  # llava-hf
         cfg = _parse(from_hf, config, root)
         sources = [(weight_files(root), LLAVA_PREFIXES)]
-        processor = Processor.from_dir(cfg, root)
+        processor = Processor.from_dir(cfg, root, template=_template(config))
     else:  # original LLaVA: the vision tower (config, usually weights) is a CLIP repo
         clip_id = vision_tower or config.get("mm_vision_tower")
         if not clip_id:
@@ -75,6 +75,17 @@ def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, dev
     model = load_model(cfg, sources, dtype or checkpoint_dtype(config), device,
                        str(repo_id_or_dir))
     return model, processor
+
+
+def _template(config: dict) -> str:
+    """The chat template of a llava-hf checkpoint, from its model cards: LLaVA-1.5 "llava";
+    LLaVA-NeXT by its language model (Mistral, Yi-34B's 64k vocabulary, or Vicuna)."""
+    if config.get("model_type") != "llava_next":
+        return "llava"
+    text = config.get("text_config") or {}
+    if text.get("model_type") == "mistral":
+        return "mistral_instruct"
+    return "chatml" if text.get("vocab_size", 0) >= 64000 else "vicuna_next"
 
 
 def _parse(parse, config: dict, root: Path) -> LlavaConfig:

@@ -23,9 +23,14 @@ from .images import ImageProcessor, load_image
 IMAGE = "<image>"  # the placeholder users write, and llava-hf's added token
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
+NEXT_SYSTEM = VICUNA_SYSTEM.replace("user", "human")  # llava-hf/llava-v1.6-vicuna-*-hf
 TEMPLATES = {  # {question} already starts with "<image>\n" when the user did not place it
     "llava": "USER: {question} ASSISTANT:",  # llava-hf/llava-1.5-*-hf model cards
     "vicuna_v1": VICUNA_SYSTEM + " USER: {question} ASSISTANT:",  # original LLaVA-1.5 eval
+    "vicuna_next": NEXT_SYSTEM + " USER: {question} ASSISTANT:",  # llava-v1.6-vicuna-*-hf
+    "mistral_instruct": "[INST] {question} [/INST]",  # llava-hf/llava-v1.6-mistral-7b-hf
+    "chatml": ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n"
+               "{question}<|im_end|><|im_start|>assistant\n"),  # llava-hf/llava-v1.6-34b-hf
     "raw": "{question}",
 }
 
