@@ -106,8 +106,8 @@ def test_templates():
         "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nHi "
         "ASSISTANT:")
     assert TEMPLATES["vicuna_v1"].startswith(VICUNA_SYSTEM + " USER: ")
-    with pytest.raises(InputError, match="unknown template 'chatml'"):
-        ours.format("Hi", "chatml")
+    with pytest.raises(InputError, match="unknown template 'alpaca'"):
+        ours.format("Hi", "alpaca")
 
 
 def test_sentinel_placeholders_without_an_image_token_in_the_vocabulary():
