@@ -91,3 +91,11 @@ def test_the_real_next_configs_build_transformers_parameters_on_meta(repo):
     # a 640 x 480 photo: 2 x 2 tiles of 672 x 672 (a 48 x 48 grid), 36 rows after unpadding
     assert anyres.tile_grid(cfg, 480, 640) == (2, 2)
     assert anyres.image_tokens(cfg, 480, 640) == 576 + 36 * (48 + 1)
+
+
+def test_next_refuses_the_full_strategy_it_cannot_pack():
+    """transformers' packing fails with CLS kept; here the config says so before anything."""
+    from skipvision import from_hf
+    d = {**REAL["llava-hf/llava-v1.6-vicuna-7b-hf"], "vision_feature_select_strategy": "full"}
+    with pytest.raises(ValueError, match="must be 'default'"):
+        from_hf(d)
