@@ -7,12 +7,21 @@ Several processes (DistributedDataParallel; gloo on CPU, nccl on CUDA), same glo
 
     torchrun --nproc_per_node 2 examples/train.py ...same flags...
 
+A model too big for one GPU: `--shard` splits weights, gradients and AdamW state among the
+processes (FSDP2), `--checkpointing` recomputes activations in backward; `--plan` prints the
+memory each GPU needs, before renting them:
+
+    python examples/train.py --plan --model llava-hf/llava-1.5-7b-hf --gpus 8 --shard ...
+    torchrun --nproc_per_node 8 examples/train.py --shard --checkpointing ...
+
 Resume exactly where a run stopped (weights, optimizer, schedule, data order, step):
 
     python examples/train.py --resume runs/sft ...same flags...
 
 Each checkpoint (runs/sft/step-NNNNNNN, runs/sft/latest) is a model folder that
-`skipvision.load_pretrained` and `examples/generate.py --model` read.
+`skipvision.load_pretrained` and `examples/generate.py --model` read; with `--shard`, the last
+one is (`examples/consolidate.py` makes one of any other), and every one resumes on any
+number of processes.
 """
 from __future__ import annotations
 
@@ -27,7 +36,8 @@ from skipvision.skip import SkipConfig
 from skipvision.training.checkpoint import checkpoints
 from skipvision.training.data import DataError, load_conversations
 from skipvision.training.fit import build_model, fit, resume, with_summary_scorer
-from skipvision.training.train import PARTS, TrainConfig, Trainer, init_distributed
+from skipvision.training.parallel import init_distributed, is_sharded_checkpoint
+from skipvision.training.train import PARTS, TrainConfig, Trainer
 
 from cli import Parser, fail, run_main  # examples/, next to this file
 
@@ -64,7 +74,11 @@ def parse_args(argv=None):
     g.add_argument("--train", default="projector,language_model,summary",
                    help=f"comma-separated parts to train, of {sorted(PARTS)}")
     g.add_argument("--seed", type=int, default=0, help="data order")
-    g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--no-amp", action="store_true", help="no bf16 compute on CUDA")
+    g.add_argument("--shard", action="store_true", help="FSDP2: split weights, gradients and "
+                   "optimizer state among the processes")
+    g.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing: recompute each layer in backward")
     g = p.add_argument_group("Skip-Vision (SFT with Skip-FFN)")
     g.add_argument("--skip", action="store_true", help="train with Skip-Vision")
     g.add_argument("--retained", type=int, default=SkipConfig.retained)
@@ -112,7 +126,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {a.device}: no CUDA device here")
-    d = init_distributed(a.device)
+    d = init_distributed(a.device, a.shard)
     dtype = torch_dtype(a.dtype)
     skip = None
     if a.skip:
@@ -123,18 +137,26 @@ def main(argv=None):
     if a.resume:
         from skipvision.training.checkpoint import resolve
         ckpt = resolve(a.resume)
-        model, processor = load_pretrained(ckpt, dtype=dtype)
-    elif a.model:
-        model, processor = load_pretrained(a.model, dtype=dtype)
+        sharded = is_sharded_checkpoint(ckpt)  # its weights are read with the optimizer's
+        model, processor = load_pretrained(ckpt, dtype=dtype, device="meta" if sharded else "cpu")
+        if sharded and not a.shard:
+            from skipvision.training.parallel import load
+            model.to_empty(device="cpu")
+            load(ckpt, model)
+    elif a.model:  # sharded, process 0 reads the weights and hands out their shards
+        meta = a.shard and d.rank != 0
+        model, processor = load_pretrained(a.model, dtype=dtype, device="meta" if meta else "cpu")
     else:
         model, processor = build_model(a.config, a.tokenizer, a.init_seed, dtype)
     if skip is not None and skip.summary:
         model = with_summary_scorer(model)
-    model = model.to(d.device)
+    if not a.shard:
+        model = model.to(d.device)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
                       lr=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup,
                       weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-                      train=tuple(a.train.split(",")), seed=a.seed, amp=not a.no_amp)
+                      train=tuple(a.train.split(",")), seed=a.seed, amp=not a.no_amp,
+                      shard=a.shard, checkpointing=a.checkpointing)
     data = load_conversations(a.data, processor, a.image_root, a.skip_bad_data)
     evals = None if not a.eval_data else load_conversations(
         a.eval_data, processor, a.image_root, a.skip_bad_data)
@@ -157,7 +179,7 @@ def main(argv=None):
             e.path, e.problems, f" ({where})") from None
     if d.rank == 0:
         print(f"\nsaved {result['checkpoint']}", file=sys.stderr)
-    if d.world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

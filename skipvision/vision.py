@@ -96,9 +96,13 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: torch.Tensor, cls_attention: bool = False):
+        """(B, P, C) -> (B, P, C); with `cls_attention`, also the CLS query's attention (B, P)
+        (inside forward, so that sharded training has gathered this layer's weights)."""
+        h = self.layer_norm1(x)
+        x = x + self.self_attn(h)
+        x = x + self.mlp(self.layer_norm2(x))
+        return (x, self.self_attn.cls_attention(h)) if cls_attention else x
 
 
 class CLIPEncoder(nn.Module):
@@ -132,8 +136,9 @@ class VisionTower(nn.Module):
         states, cls = {0: x}, None
         for i, layer in enumerate(vm.encoder.layers[:max(indices)], start=1):
             if i == cls_attention_in:
-                cls = layer.self_attn.cls_attention(layer.layer_norm1(x))
-            x = layer(x)
+                x, cls = layer(x, cls_attention=True)
+            else:
+                x = layer(x)
             if i in indices:
                 states[i] = x
         return [states[i] for i in indices], cls

@@ -157,6 +157,10 @@ def _weight_files(root: Path, patterns) -> list[Path]:
 def weight_files(root: Path) -> list[Path]:
     """safetensors if present, else `.bin` pickles; an error if neither exists."""
     files = _weight_files(root, SAFETENSORS) or _weight_files(root, PICKLES)
+    if not files and (root / ".metadata").is_file():  # torch.distributed.checkpoint's index
+        raise CheckpointError(f"{root} is a sharded training checkpoint: its weights are in "
+                              "per-process shards; make a model folder of it with "
+                              f"`python examples/consolidate.py {root} OUT`")
     if not files:
         raise CheckpointError(f"no weights in {root}: expected model.safetensors, sharded "
                               "model-*-of-*.safetensors with model.safetensors.index.json, or "

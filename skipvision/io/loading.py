@@ -43,14 +43,24 @@ def load_pretrained(repo_id_or_dir, revision: str | None = None, dtype=None, dev
     """(model, processor) from a Hub repo id or a local checkpoint directory.
 
     dtype: None/"auto" = the checkpoint's own (config `dtype`/`torch_dtype`, else as stored).
+    device "meta": a llava-hf model's architecture without reading its weights.
     offline: None follows HF_HUB_OFFLINE. vision_tower: overrides the CLIP repo an original
     LLaVA config names (`mm_vision_tower`). tokenizer: a repo or directory whose
     `tokenizer.json` to use (original LLaVA repos ship only a sentencepiece model).
     """
     dtype = torch_dtype(dtype)
     hub = dict(token=token, cache_dir=cache_dir, offline=offline)
-    root = fetch(repo_id_or_dir, revision, **hub)
+    meta = torch.device(device).type == "meta"  # the architecture only (sharded training)
+    root = fetch(repo_id_or_dir, revision, weights=not meta, **hub)
     config = read_json(in_folder(root, "config.json"))
+    if meta and not is_original(config):  # weights unread: sharded training fills them
+        with torch.device("meta"), _no_init():
+            model = Llava(_parse(from_hf, config, root))
+        processor = Processor.from_dir(model.cfg, root, template=_template(config))
+        dtype = dtype or torch_dtype(checkpoint_dtype(config)) or torch.float32
+        return model.to(dtype).eval(), processor
+    if meta:
+        root = fetch(repo_id_or_dir, revision, **hub)
     if not is_original(config):  # llava-hf
         cfg = _parse(from_hf, config, root)
         sources = [(weight_files(root), LLAVA_PREFIXES)]
@@ -122,6 +132,8 @@ def load_model(cfg: LlavaConfig, sources, dtype=None, device="cpu", where: str =
     dtype = torch_dtype(dtype)
     if dtype is None:  # as stored: the first floating tensor decides
         dtype = next(i.dtype for i in plan.values() if i.dtype.is_floating_point)
+    if torch.device(device).type == "meta":  # keys checked, weights left for sharded training
+        return model.to(dtype).eval()
     state = {}
     by_file = defaultdict(list)
     for name, info in plan.items():

@@ -34,32 +34,36 @@ LM_HEAD = "language_model.lm_head.weight"  # tied to the embedding: stored once,
 
 
 def save_pretrained(model, directory, processor=None, skip=None,
-                    files: dict[str, str | bytes | Callable[[Path], None]] | None = None) -> Path:
+                    files: dict[str, str | bytes | Callable[[Path], None]] | None = None, *,
+                    state: dict[str, torch.Tensor] | None = None, staged: Path | None = None
+                    ) -> Path:
     """Write `model` (and the processor's tokenizer and preprocessing, and `skip` as
     skip_config.json) to `directory`, replacing what was there as a whole.
 
     `files`: more files for the folder, by name: text, bytes, or a function writing the path.
+    `state`: the weights to write instead of `model.state_dict()` (a sharded model's, gathered;
+    {}: no model.safetensors). `staged`: a folder from `stage(directory)` that already holds
+    files (every process's shards), completed here and swapped in.
     """
     directory = Path(directory)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if state is None:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = dict(state)
     if model.cfg.text.tie_word_embeddings:
-        del state[LM_HEAD]
+        state.pop(LM_HEAD, None)
     meta = [k for k, v in state.items() if v.is_meta]
     if meta:
         raise CheckpointError(f"cannot save parameters that were never loaded (meta): {meta[:5]}")
-    texts = {"config.json": json.dumps(to_hf(model.cfg, _dtype_name(state)), indent=2)}
+    dtype = next(iter(state.values()), next(model.parameters())).dtype
+    texts = {"config.json": json.dumps(to_hf(model.cfg, str(dtype).removeprefix("torch.")),
+                                       indent=2)}
     texts |= {} if processor is None else processor.files()
     if skip is not None:
         texts["skip_config.json"] = json.dumps(asdict(skip), indent=2)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    clear_leftovers(directory)
-    _check_replaceable(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+    tmp = staged or stage(directory)
     try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if state:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, content in (texts | (files or {})).items():
             write(tmp / name, content)
         _fsync_folder(tmp)
@@ -68,6 +72,19 @@ def save_pretrained(model, directory, processor=None, skip=None,
         if tmp.exists():  # a failure before the swap, or the old checkpoint after it
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def stage(directory: Path) -> Path:
+    """A new, empty sibling folder to assemble `directory` in (after clearing what killed saves
+    left), once it is clear that `directory` may be replaced."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(directory)
+    _check_replaceable(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
+    return tmp
 
 
 def write(path: Path, content) -> None:
@@ -149,7 +166,3 @@ def _fsync_folder(folder: Path, files: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _dtype_name(state: dict[str, torch.Tensor]) -> str:
-    return str(next(iter(state.values())).dtype).removeprefix("torch.")

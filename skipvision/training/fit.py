@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_trainer_state, resolve, save_checkpoint
+from . import parallel
+from .checkpoint import load_trainer_state, resolve, save_checkpoint, save_sharded_checkpoint
 from ..errors import NonFiniteError
 from .data import DataError, evaluate
 from ..io.hf_config import from_hf
@@ -84,7 +85,8 @@ def with_summary_scorer(model: Llava) -> Llava:
     if model.summary_scorer is not None:
         return model
     p = next(model.parameters())
-    new = Llava(model.cfg.replace(summary_scorer=True)).to(p.device, p.dtype)
+    with torch.device(p.device):  # meta stays meta: sharded training fills it later
+        new = Llava(model.cfg.replace(summary_scorer=True)).to(p.dtype)
     extra = {f"summary_scorer.{k}": v for k, v in new.summary_scorer.state_dict().items()}
     new.load_state_dict(model.state_dict() | extra, strict=True)
     return new
@@ -97,17 +99,20 @@ def _hms(seconds: float) -> str:
 
 
 def resume(trainer: Trainer, path) -> Path:
-    """Load optimizer, schedule, step and RNG from a checkpoint (the weights are the caller's:
-    load the model from the same folder, e.g. with load_pretrained)."""
+    """Load optimizer, schedule, step and RNG from a checkpoint; from a sharded one, the
+    weights too (else they are the caller's: load_pretrained from the same folder)."""
     ckpt = resolve(path)
     trainer.load_state_dict(load_trainer_state(ckpt))
+    if parallel.is_sharded_checkpoint(ckpt):
+        parallel.load(ckpt, trainer.model, trainer.optimizer)
+        trainer.awaiting_weights = False
     return ckpt
 
 
 def run_eval(trainer: Trainer, data, batch_size: int = 64) -> dict:
     """Exact match on `data`, each process scoring its share, counts summed over processes."""
     d = trainer.dist
-    with trainer.autocast():
+    with trainer.gathered(), trainer.autocast():
         res = evaluate(trainer.model, data, trainer.skip, batch_size, (d.rank, d.world))
     types = sorted(res.total)
     counts = torch.tensor([[res.correct[t], res.total[t]] for t in types], dtype=torch.float64)
@@ -130,13 +135,17 @@ def fit(trainer: Trainer, out_dir, processor, eval_data=None, eval_every: int = 
     progress = progress or Progress(cfg.steps, trainer.step_count, enabled=main)
     saved, last, result = trainer.step_count, None, {}
 
-    def save():
+    def save(info, together: bool = True):
         nonlocal saved
-        if main:
-            info = {"loss": None if last is None else last.loss, "eval": result.get("eval")}
+        if cfg.shard:  # every process writes its shards; the run's end is also consolidated
+            save_sharded_checkpoint(out, trainer.step_count, trainer.model, trainer.optimizer,
+                                    processor, trainer.state_dict(), info, keep_last,
+                                    export=trainer.step_count == cfg.steps)
+        elif main:
             save_checkpoint(out, trainer.step_count, trainer.model, processor,
                             trainer.state_dict(), info, keep_last)
-        trainer.dist.barrier()
+        if together:
+            trainer.dist.barrier()
         saved = trainer.step_count
 
     try:
@@ -154,13 +163,13 @@ def fit(trainer: Trainer, out_dir, processor, eval_data=None, eval_every: int = 
                               f"on {result['eval']['n']} ({time.perf_counter() - t0:.1f} s) "
                               f"{result['eval']['by_type']}")
             if (save_every and n % save_every == 0) or n == end:
-                save()
-    except (DataError, NonFiniteError, KeyboardInterrupt):
-        if trainer.step_count != saved and main:
+                save({"loss": None if last is None else last.loss, "eval": result.get("eval")})
+    except (DataError, NonFiniteError, KeyboardInterrupt) as e:
+        # sharded, every process must join the save: only a NonFiniteError (from summed loss
+        # and norm) is sure to stop them all alike; else the last periodic checkpoint stands
+        if trainer.step_count != saved and (not cfg.shard or isinstance(e, NonFiniteError)):
             progress.note(f"stopping: saving the last completed step {trainer.step_count}")
-            info = {"loss": None if last is None else last.loss, "stopped": True}
-            save_checkpoint(out, trainer.step_count, trainer.model, processor,
-                            trainer.state_dict(), info, keep_last)
+            save({"loss": None if last is None else last.loss, "stopped": True}, False)
         raise
     result["last"] = None if last is None else last.__dict__
     result["checkpoint"] = str(out / f"step-{trainer.step_count:07d}")

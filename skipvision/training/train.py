@@ -10,7 +10,9 @@
   the forward never uses (vision layers past the feature layer, `post_layernorm`, the summary
   scorer without summary tokens) stay frozen whatever is asked.
 - Many processes: under `torchrun`, each process takes its slice of every global batch and
-  DistributedDataParallel averages gradients (gloo on CPU, nccl on CUDA).
+  DistributedDataParallel averages gradients (gloo on CPU, nccl on CUDA); or, with `shard`,
+  FSDP2 (parallel.py) also splits weights, gradients and AdamW state among the processes.
+- `checkpointing`: activation checkpointing of every vision and decoder layer.
 - Exact resume: the data order is a pure function of (seed, step); a checkpoint (checkpoint.py)
   holds weights, optimizer, schedule, step and RNG state.
 """
@@ -19,17 +21,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, NonFiniteError
 from ..skip import TEXT
+from . import parallel
+from .parallel import Dist
 from .data import IGNORE, ConversationData, collate
 
 PARTS = {"vision_tower": "vision_tower.", "projector": "multi_modal_projector.",
@@ -49,7 +51,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     train: tuple[str, ...] = ("projector", "language_model", "summary")
     seed: int = 0  # data order
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True  # bf16 compute on CUDA: autocast, or with `shard` FSDP2's mixed precision
+    shard: bool = False  # FSDP2: weights, gradients and AdamW state split among processes
+    checkpointing: bool = False  # recompute each layer's activations in backward
 
     def __post_init__(self):
         object.__setattr__(self, "train", tuple(self.train))
@@ -134,38 +138,6 @@ class AnswerLoss(nn.Module):
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-        return t
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed(device: str | None = None) -> Dist:
-    """One process, or the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world == 1:
-        return Dist(0, 1, dev)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), dev)
-
-
-@dataclass
 class StepStats:
     step: int  # optimizer steps done after this one
     loss: float  # mean answer-token loss of the global batch
@@ -192,24 +164,45 @@ class Trainer:
                              f"({world}) x micro_batch_size ({self.micro})")
         self.accum = cfg.batch_size // (world * self.micro)
         self.trained = set_trainable(model, cfg.train, skip)
-        self.params = [p for _, p in self.trained]
-        self.optimizer = make_optimizer(self.trained, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cfg.lr_at(s) / cfg.lr)
-        self.step_count = 0
         loss = AnswerLoss(model, skip)
-        if world > 1:
+        if cfg.checkpointing:
+            parallel.checkpoint_layers(model)
+        self.awaiting_weights = False
+        if cfg.shard:  # process 0 holds the weights (the others may hold meta tensors)
+            full = model.state_dict() if self.dist.rank == 0 and not _is_meta(model) else None
+            model.to("meta")
+            loss = parallel.shard(loss, model, self.dist.device, cfg.amp)
+            self.awaiting_weights = not parallel.fill(model, self.dist.device, full)  # or resume
+            self.trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        elif world > 1:
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             text_only = any(r.image is None for r in data.records)  # batches may skip the tower
             loss = nn.parallel.DistributedDataParallel(loss, device_ids=ids,
                                                        find_unused_parameters=text_only)
         self.loss = loss
+        self.params = [p for _, p in self.trained]
+        self.optimizer = make_optimizer(self.trained, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cfg.lr_at(s) / cfg.lr)
+        self.step_count = 0
 
     def autocast(self):
         dev = self.dist.device
-        if dev.type == "cuda" and self.cfg.amp:
+        if dev.type == "cuda" and self.cfg.amp and not self.cfg.shard:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def gradient_sync(self, sync: bool):
+        """Reduce gradients over processes after this backward (the last micro-batch) or not."""
+        if self.cfg.shard:
+            self.loss.set_requires_gradient_sync(sync)
+        elif self.dist.world > 1 and not sync:
+            return self.loss.no_sync()
+        return contextlib.nullcontext()
+
+    def gathered(self):
+        """Context for running the model outside a step (evaluation): sharded, its root unit."""
+        return parallel.gathered(self.loss) if self.cfg.shard else contextlib.nullcontext()
 
     def _batches(self, step: int):
         idx = batch_indices(len(self.data), self.cfg.batch_size, self.cfg.seed, step)
@@ -226,6 +219,8 @@ class Trainer:
     def step(self) -> StepStats:
         """One optimizer step on global batch number `step_count`."""
         t0 = time.perf_counter()
+        if self.awaiting_weights:
+            raise RuntimeError("sharded trainer built without weights: resume from a checkpoint")
         self.model.train()
         batches = list(self._batches(self.step_count))
         counts = torch.tensor([sum(int((b[2][:, 1:] != IGNORE).sum()) for b in batches),
@@ -233,15 +228,15 @@ class Trainer:
         n_labels, n_tokens = self.dist.all_sum(counts.to(self.dist.device)).tolist()
         total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for j, b in enumerate(batches):
-            sync = self.dist.world == 1 or j == len(batches) - 1
-            with (contextlib.nullcontext() if sync else self.loss.no_sync()), self.autocast():
+            with self.gradient_sync(j == len(batches) - 1), self.autocast():
                 loss_sum = self.loss(*b)
-                # DDP averages over processes; this scale makes the result the global mean
+                # DDP and FSDP average over processes; this scale makes it the global mean
                 (loss_sum * (self.dist.world / max(n_labels, 1))).backward()
             total += loss_sum.detach().double()
         loss = float(self.dist.all_sum(total)) / max(n_labels, 1)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        norm = float(nn.utils.clip_grad_norm_(self.params, clip))
+        norm = nn.utils.clip_grad_norm_(self.params, clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
@@ -259,11 +254,14 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything besides the weights that an exact resume needs (plain types, tensors)."""
-        return {"step": self.step_count, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "config": _plain(dataclasses.asdict(self.cfg)),
-                "skip": None if self.skip is None else _plain(dataclasses.asdict(self.skip)),
-                "world": self.dist.world}
+        state = {"step": self.step_count, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                 "config": _plain(dataclasses.asdict(self.cfg)),
+                 "skip": None if self.skip is None else _plain(dataclasses.asdict(self.skip)),
+                 "world": self.dist.world}
+        if self.cfg.shard:  # sharded AdamW state goes to the sharded checkpoint (shard.save)
+            del state["optimizer"]
+        return state
 
     def load_state_dict(self, state: dict):
         mine = _plain(dataclasses.asdict(self.cfg))
@@ -274,10 +272,15 @@ class Trainer:
         theirs = state["skip"]
         if theirs != (None if self.skip is None else _plain(dataclasses.asdict(self.skip))):
             raise ConfigError(f"cannot resume: the checkpoint was trained with skip={theirs}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else a sharded checkpoint's, read by shard.load
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step_count = int(state["step"])
+
+
+def _is_meta(model) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def _plain(obj):
