@@ -26,6 +26,7 @@ number of processes.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,7 +40,8 @@ from skipvision.training.fit import build_model, fit, resume, with_summary_score
 from skipvision.training.parallel import init_distributed, is_sharded_checkpoint
 from skipvision.training.train import PARTS, TrainConfig, Trainer
 
-from cli import Parser, fail, run_main  # examples/, next to this file
+import memory_plan  # examples/, next to this file
+from cli import Parser, fail, run_main
 
 
 def parse_args(argv=None):
@@ -55,7 +57,7 @@ def parse_args(argv=None):
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="training JSONL")
+    g.add_argument("--data", help="training JSONL (required unless --plan)")
     g.add_argument("--eval-data", help="held-out JSONL scored by exact match")
     g.add_argument("--image-root", help="folder image paths are relative to (default: the "
                    "JSONL's folder)")
@@ -96,13 +98,18 @@ def parse_args(argv=None):
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept (0: all)")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps in total")
+    memory_plan.add_arguments(p)
     a = p.parse_args(argv)
+    if a.plan and not (a.model or a.config):
+        p.error("--plan needs the model: --model or --config")
     if not (a.model or a.config or a.resume):
         p.error("give --model, --config (+ --tokenizer) or --resume")
-    if a.config and not a.tokenizer:
+    if a.config and not a.tokenizer and not a.plan:
         p.error("--config needs --tokenizer")
-    if not (a.out or a.resume):
+    if not (a.out or a.resume or a.plan):
         p.error("give --out")
+    if not (a.data or a.plan):
+        p.error("give --data")
     for flag in ("steps", "batch_size", "micro_batch_size", "warmup", "eval_every", "save_every",
                  "keep", "threads", "stop_after"):
         v = getattr(a, flag)
@@ -120,19 +127,24 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from skipvision.io.hf_config import from_hf
     from skipvision.io.loading import load_pretrained, torch_dtype
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {a.device}: no CUDA device here")
-    d = init_distributed(a.device, a.shard)
-    dtype = torch_dtype(a.dtype)
     skip = None
     if a.skip:
         layers = None if not a.skip_layers else tuple(int(x) for x in a.skip_layers.split(","))
         skip = SkipConfig(retained=a.retained, skipped=a.skipped, summary=not a.no_summary,
                           mask=a.mask, merge_order=a.merge_order, layers=layers)
+    if a.plan:
+        cfg = (from_hf(json.loads(Path(a.config).read_text())) if a.config else
+               load_pretrained(a.model, device="meta")[0].cfg)
+        return memory_plan.print_plan(a, cfg, skip, fail)
+    if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {a.device}: no CUDA device here")
+    d = init_distributed(a.device, a.shard)
+    dtype = torch_dtype(a.dtype)
     ckpt = None
     if a.resume:
         from skipvision.training.checkpoint import resolve

@@ -146,6 +146,18 @@ def test_each_of_two_processes_holds_half_the_bytes(runs, tmp_path):
         for h in halves:
             assert abs(h[what] / whole[what] - 0.5) <= 0.05 * 0.5, (what, h[what], whole[what])
         assert sum(h[what] for h in halves) >= whole[what]  # shards cover everything
+    # the memory plan's figures are these bytes exactly (process 0 holds the padded shards)
+    from skipvision.analysis.memory import plan
+    from skipvision.skip import SkipConfig
+    from skipvision.training.synthetic import build_tokenizer
+    from test_train import tiny_config
+    cfg = tiny_config(build_tokenizer().get_vocab_size())
+    for n, measured in ((1, whole), (2, halves[0])):
+        planned = plan(cfg, gpus=n, shard=True, skip=SkipConfig(retained=8, skipped=12),
+                       weight_bytes=8, train=("vision_tower", "projector", "language_model",
+                                              "summary"))
+        for what in ("weights", "gradients", "optimizer"):
+            assert getattr(planned, what) == measured[what], (n, what)
 
 
 def test_a_sharded_checkpoint_without_weights_says_how_to_consolidate(tmp_path):
@@ -154,3 +166,19 @@ def test_a_sharded_checkpoint_without_weights_says_how_to_consolidate(tmp_path):
     from skipvision.io.hub import weight_files
     with pytest.raises(CheckpointError, match="consolidate"):
         weight_files(tmp_path)
+
+
+@pytest.mark.gpu
+def test_sharded_mixed_precision_steps_on_cuda(tmp_path):
+    """One process sharded on CUDA (bf16 compute, float32 master weights and reduction) tracks
+    the float32 CPU run's losses within bf16's precision."""
+    data = write_dataset(tmp_path / "data", 16, 4, seed=0, size=24)
+    common = model_files(tmp_path) + [
+        "--data", str(data["train"]), "--steps", "3", "--batch-size", "4", "--warmup", "1",
+        "--skip", "--retained", "8", "--skipped", "12", "--dtype", "float32"]
+    run(common + ["--shard", "--checkpointing", "--device", "cuda", "--out",
+                  str(tmp_path / "cuda")])
+    run(common + ["--device", "cpu", "--out", str(tmp_path / "cpu")])
+    assert losses(tmp_path / "cuda") == pytest.approx(losses(tmp_path / "cpu"), rel=3e-2)
+    ours, _ = load_pretrained(tmp_path / "cuda" / "latest")
+    assert next(ours.parameters()).dtype == torch.float32  # the export keeps master weights
