@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, example_module
+from helpers import PLAIN, ROOT, example_module
 from test_train import model_files
 from skipvision import load_pretrained
 from skipvision.errors import CheckpointError
@@ -111,6 +111,21 @@ def test_saved_by_two_processes_resumes_on_one(runs, shard):
         + ["--shard"] * shard)
     assert losses(out) == pytest.approx(losses(runs["one"])[1:], rel=1e-10, abs=0)
     assert_same_weights(out / f"step-{STEPS:07d}", runs["one"] / "latest")
+
+
+@pytest.mark.slow
+def test_a_pretrained_model_is_read_by_process_0_alone_and_shared(runs):
+    """--model under --shard: the other processes build it on meta and get their shards from
+    process 0; the run equals one process reading the checkpoint itself."""
+    common = ["--model", str(PLAIN), "--data", str(runs["data"]["train"]), "--steps", "2",
+              "--batch-size", "4", "--warmup", "1", "--skip", "--retained", "8", "--skipped",
+              "12", "--dtype", "float64", "--threads", "1"]
+    run(common + ["--shard", "--out", str(runs["tmp"] / "model-sharded")], procs=2)
+    run(common + ["--micro-batch-size", "2", "--out", str(runs["tmp"] / "model-one")])
+    assert losses(runs["tmp"] / "model-sharded") == pytest.approx(
+        losses(runs["tmp"] / "model-one"), rel=1e-10, abs=0)
+    assert_same_weights(runs["tmp"] / "model-sharded" / "latest", runs["tmp"] / "model-one" /
+                        "latest")
 
 
 @pytest.mark.slow
