@@ -61,7 +61,14 @@ def parse_args(argv=None):
     s.add_argument("--mask", choices=["causal", "consistent"], help="text-to-skipped visibility")
     s.add_argument("--kv", choices=["evict", "keep"], help="Skip-KV: drop skipped tokens' "
                    "keys/values after prefill, or keep them")
+    s.add_argument("--certify", action="store_true", help="prove (or not) that Skip-FFN and "
+                   "Skip-KV leave the greedy answer unchanged (error bound; runs in float64)")
     a = p.parse_args(argv)
+    if a.certify and (a.temperature != 0 or a.dtype not in ("auto", "float64")):
+        p.error("--certify is about the greedy answer in exact arithmetic: it needs "
+                "--temperature 0 and --dtype float64 (auto becomes float64)")
+    if a.certify:
+        a.dtype = "float64"
     if a.skip not in (None, "none", "checkpoint", "both", *PRESETS):
         p.error(f"--skip {a.skip!r}: choose one of {', '.join(PRESETS)}, checkpoint, both, none")
     custom = [f for f in ("retained", "skipped", "mask", "kv") if getattr(a, f) is not None]
@@ -199,6 +206,8 @@ def answer(model, processor, inputs, skip, a) -> dict:
     return dict(
         device=str(device), dtype=str(model_dtype(model)).removeprefix("torch."),
         answer=processor.decode(gen.tokens[0, :n_new]),
+        **({"certificate": certificate(model, inputs, skip, gen, a)} if a.certify and skip
+           else {}),
         prompt_tokens=n_prompt, image_tokens=n_image, new_tokens=n_new,
         prefill_tokens=gen.prompt_tokens,
         time_to_first_token_s=round(arrived[0] - t0, 4) if arrived else None,
@@ -210,6 +219,21 @@ def answer(model, processor, inputs, skip, a) -> dict:
         skip=None if skip is None else vars(skip),
         flops=flops_both_paths(model.cfg, n_prompt - n_image, images, skip, n_new,
                                model_dtype(model)))
+
+
+def certificate(model, inputs, skip, gen, a) -> dict:
+    """Corollary 3 of proofs/error_bound.md for this prompt's Skip-Vision answer."""
+    from skipvision.analysis.certify import certify, reference_answer
+    inp = model.prepare(inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
+                        inputs["attention_mask"], skip=skip,
+                        image_sizes=inputs.get("image_sizes"))
+    c = certify(model, inp, skip, reference_answer(model, inp, a.max_new_tokens))
+    same = torch.equal(c.tokens, gen.tokens[0, :int(gen.lengths[0])].cpu())
+    worst = int((c.margins / c.bounds.clamp(min=1e-300)).argmin())
+    return dict(certified=c.certified, steps_certified=f"{int(c.steps.sum())}/{len(c.steps)}",
+                same_answer_as_without_skipping=same,
+                weakest_step=dict(step=worst + 1, margin=round(float(c.margins[worst]), 6),
+                                  twice_the_bound=round(2 * float(c.bounds[worst]), 6)))
 
 
 def model_dtype(model) -> torch.dtype:

@@ -222,10 +222,15 @@ def compare(model, embeds, pos, horizon=None, horizon_new=None, skip_ref=None,
     """Full run (horizon, skip_ref) vs perturbed run (horizon_new, skip_new), same weights and
     embeddings (B, T, C) at positions (B, T): Theorems 1 and 2 and their corollaries.
 
-    `norms`: `model_norms(model)`, to reuse across inputs. Run the model in float64 for a
-    rigorous comparison (the bound itself is always computed in float64).
+    `norms`: `model_norms(model)`, to reuse across inputs. Float64 only: the model's error
+    is then the method's own, and `violations` allows float64 rounding, no more.
     """
     lm, head = _parts(model)
+    dtypes = {p.dtype for p in model.parameters()} | {embeds.dtype}
+    if dtypes != {torch.float64}:
+        raise InputError(f"the bound is about exact arithmetic and is checked in float64; the "
+                         f"model and embeddings are {sorted(map(str, dtypes))} (use "
+                         "model.double()): in float32 rounding alone moves values by ~1e-7")
     weights, hw = model_norms(model) if norms is None else norms
     cfg, L = lm.cfg, len(lm.layers)
     B, T, _ = embeds.shape
