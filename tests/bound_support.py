@@ -6,6 +6,7 @@ b are the two computed values whose difference is measured (unit roundoff 1.1e-1
 """
 
 import math
+import os
 import statistics
 from collections import defaultdict
 
@@ -18,6 +19,9 @@ from skipvision.kv_cache import slots
 from skipvision.llama import LlamaForCausalLM, attention_mask, rope_cos_sin
 
 RTOL, ATOL = 1e-9, 1e-12
+# Drawn cases per property test (tests/bound_mutants.py lowers it for its many runs).
+EXAMPLES = int(os.environ.get("BOUND_EXAMPLES", "1200"))
+ATTAINED: dict[str, float] = {}  # hand-built construction -> measured / bound
 RATIOS: dict[str, list[float]] = defaultdict(list)  # property -> measured/bound per case
 DRAWN: dict[str, int] = defaultdict(int)  # property -> cases drawn (some have zero error)
 FOUND: dict[str, float] = {}  # weakened bound -> measured/weakened on the violating example
@@ -211,7 +215,7 @@ class BoundSummary:
     """Prints median and worst measured/bound per property, and the weakened-bound finds."""
 
     def pytest_terminal_summary(self, terminalreporter):
-        if not RATIOS and not FOUND and not TABLES:
+        if not RATIOS and not FOUND and not TABLES and not ATTAINED:
             return
         w = terminalreporter
         w.section("error bound: measured / bound (1 = tight, > 1 = violated)")
@@ -223,6 +227,14 @@ class BoundSummary:
                          f"{max(r):9.3g}")
         for name, r in sorted(FOUND.items()):
             w.write_line(f"{name + ' (weakened)':<52} {'found':>13} {'':>9} {r:9.4g}")
+        if RATIOS:
+            total = sum(DRAWN.get(n, len(r)) for n, r in RATIOS.items())
+            w.write_line(f"{'total drawn':<52} {total:>6}")
+        if ATTAINED:
+            w.write_line("")
+            w.write_line("built by hand to attain each term, and the adversary: measured / bound")
+        for name, r in ATTAINED.items():
+            w.write_line(f"{name:<64} {r:9.5f}")
         for table in TABLES:
             w.write_line("")
             for line in table.splitlines():

@@ -24,7 +24,7 @@ from skipvision.analysis import bound_lemmas as lem
 from skipvision.llama import LlamaForCausalLM
 
 from bound_support import (
-    ATOL, FIND, RTOL, f64, gainless, layer_cases, layer_input, perturb, positions, randomize,
+    ATOL, EXAMPLES, FIND, RTOL, f64, gainless, layer_cases, layer_input, perturb, positions, randomize,
     record, rels, scales, skips, text_configs, tiny, vectors, violated, weight_specs)
 
 # ---------------------------------------------------------------- Lemma 1: RMSNorm
@@ -220,7 +220,7 @@ def summary_rows(name, c, measured, bound_, size):
 
 @pytest.mark.bound
 @pytest.mark.parametrize("name", LEMMAS)
-@settings(max_examples=200)
+@settings(max_examples=EXAMPLES)
 @given(data=st.data())
 def test_lemma_holds(name, data):
     cases, lemma, _ = LEMMAS[name]

@@ -15,7 +15,7 @@ from skipvision.kv_cache import NEVER
 from skipvision.llama import attention_mask, rope_cos_sin
 
 from bound_support import (
-    ATOL, DRAWN, FIND, RATIOS, RTOL, TABLES, check_bound_example, model_cases, model_input,
+    ATOL, DRAWN, EXAMPLES, FIND, RATIOS, RTOL, TABLES, check_bound_example, model_cases, model_input,
     positions, ratio, skips, tiny, vectors, violated)
 
 def check_report(name, r, weaken=None):
@@ -49,7 +49,7 @@ def check_report(name, r, weaken=None):
         target(max(found, default=0.0), label=f"{name} {label}")
 
 
-@settings(max_examples=200)
+@settings(max_examples=EXAMPLES)
 @given(c=model_cases)
 @example(c=dict(cfg=TextConfig(vocab_size=7, hidden_size=4, intermediate_size=6,
                                num_hidden_layers=2, num_attention_heads=2, head_dim=2),
@@ -67,7 +67,7 @@ def test_theorem1_skip_ffn(c):
     check_report("Thm 1 Skip-FFN", r)
 
 
-@settings(max_examples=200)
+@settings(max_examples=EXAMPLES)
 @given(c=model_cases)
 @pytest.mark.bound
 def test_theorem2_skip_kv(c):
