@@ -22,8 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LEMMAS, BOUND = "skipvision/analysis/bound_lemmas.py", "skipvision/analysis/bound.py"
-TESTS = [t for t in ["tests/test_bound_attained.py", "tests/test_bound_lemmas.py",
-                     "tests/test_bound_theorems.py"] if (ROOT / t).exists()]
+TESTS = [t for t in ["tests/test_bound_attained.py", "tests/test_bound_corollary1.py",
+                     "tests/test_bound_lemmas.py", "tests/test_bound_theorems.py"]
+         if (ROOT / t).exists()]
 SELECT = "not reference_oracle and not smollm2"  # the oracle comparison and the real weights
 
 MUTANTS = [  # (file, original, mutated, what)

@@ -1,8 +1,8 @@
 """The Skip-FFN / Skip-KV error bound of proofs/error_bound.md, computed on one input.
 
 Two runs of the same language model on the same embeddings: the full (reference) run and a
-perturbed run that skips the FFN on some rows (Skip-FFN) and/or hides some
-keys from the decode tokens (Skip-KV). Per layer and per token we return
+perturbed run that skips the FFN on some rows (Skip-FFN) and/or hides some keys from the
+decode tokens (Skip-KV). Per layer and per token we return
 
 - the measured error ||x_l - x~_l|| (both runs through the model's own forward),
 - the end-to-end bound (Theorems 1 and 2: Lemma 6 iterated from zero error),
@@ -110,8 +110,7 @@ def skip_masks(skip, n_layers: int, B: int, T: int) -> list[torch.Tensor]:
     `Layout.is_skipped`); or one entry per layer, each None, a (B, T) bool mask, or
     LlamaModel's `ffn_rows` entry (the flat rows that GET the FFN).
     """
-    if skip is None or isinstance(skip, torch.Tensor):
-        skip = [skip] * n_layers
+    skip = [skip] * n_layers if skip is None or isinstance(skip, torch.Tensor) else skip
     if len(skip) != n_layers:
         raise InputError(f"skip has {len(skip)} entries for a model with {n_layers} layers")
     out = []
@@ -226,14 +225,11 @@ def compare(model, embeds, pos, horizon=None, horizon_new=None, skip_ref=None,
     is then the method's own, and `violations` allows float64 rounding, no more.
     """
     lm, head = _parts(model)
-    dtypes = {p.dtype for p in model.parameters()} | {embeds.dtype}
-    if dtypes != {torch.float64}:
-        raise InputError(f"the bound is about exact arithmetic and is checked in float64; the "
-                         f"model and embeddings are {sorted(map(str, dtypes))} (use "
-                         "model.double()): in float32 rounding alone moves values by ~1e-7")
+    if (dtypes := {p.dtype for p in model.parameters()} | {embeds.dtype}) != {torch.float64}:
+        raise InputError(f"the bound is checked in float64 only (use model.double()); got "
+                         f"{sorted(map(str, dtypes))}: in float32 rounding alone is ~1e-7")
     weights, hw = model_norms(model) if norms is None else norms
-    cfg, L = lm.cfg, len(lm.layers)
-    B, T, _ = embeds.shape
+    (cfg, L), (B, T, _) = (lm.cfg, len(lm.layers)), embeds.shape
     if pos.shape != (B, T):
         raise InputError(f"pos has shape {tuple(pos.shape)}, embeds {tuple(embeds.shape)}")
     horizon = torch.full_like(pos, FOREVER) if horizon is None else horizon
