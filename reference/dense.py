@@ -193,6 +193,26 @@ def rmsnorm(m, x):
     return m.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + m.eps))
 
 
+def decoder_layer(layer, x, allowed, cfg, rot, no_ffn=None):
+    """One decoder layer on one row x (T, C): allowed (T, T) bool, `rot` RoPE at the row's
+    positions, `no_ffn` (T, 1) rows whose FFN output is zeroed. Returns x and the maps."""
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    a = layer.self_attn
+    h = rmsnorm(layer.input_layernorm, x)
+    q = rot(_lin(a.q_proj, h).unflatten(-1, (H, D)).transpose(0, 1))  # (H, T, D)
+    k = rot(_lin(a.k_proj, h).unflatten(-1, (Hkv, D)).transpose(0, 1))
+    v = _lin(a.v_proj, h).unflatten(-1, (Hkv, D)).transpose(0, 1)
+    k, v = k.repeat_interleave(H // Hkv, 0), v.repeat_interleave(H // Hkv, 0)
+    s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
+    maps = torch.softmax(s, -1)  # (H, T, T)
+    x = x + _lin(a.o_proj, (maps @ v).transpose(0, 1).flatten(1))
+    m = layer.mlp
+    ffn = _lin(m.down_proj, _act(cfg.hidden_act, _lin(m.gate_proj, rmsnorm(
+        layer.post_attention_layernorm, x))) * _lin(m.up_proj, rmsnorm(
+            layer.post_attention_layernorm, x)))
+    return x + (ffn if no_ffn is None else ffn.masked_fill(no_ffn, 0)), maps
+
+
 def llm_hidden(model, rows, skip, decode_from=None):
     """Final hidden states of each row, one row at a time, full attention maps.
 
@@ -202,7 +222,7 @@ def llm_hidden(model, rows, skip, decode_from=None):
     cfg = model.cfg.text
     lm = model.language_model.model
     inv = inv_freq(cfg.rope, cfg.head_dim)
-    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    D = cfg.head_dim
     out = []
     for b, row in enumerate(rows):
         if not row:
@@ -227,19 +247,8 @@ def llm_hidden(model, rows, skip, decode_from=None):
         layers = set(range(cfg.num_hidden_layers) if skip is None or skip.layers is None
                      else skip.layers)
         for li, layer in enumerate(lm.layers):
-            a = layer.self_attn
-            h = rmsnorm(layer.input_layernorm, x)
-            q = rot(_lin(a.q_proj, h).unflatten(-1, (H, D)).transpose(0, 1))  # (H, T, D)
-            k = rot(_lin(a.k_proj, h).unflatten(-1, (Hkv, D)).transpose(0, 1))
-            v = _lin(a.v_proj, h).unflatten(-1, (Hkv, D)).transpose(0, 1)
-            k, v = k.repeat_interleave(H // Hkv, 0), v.repeat_interleave(H // Hkv, 0)
-            s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
-            x = x + _lin(a.o_proj, (torch.softmax(s, -1) @ v).transpose(0, 1).flatten(1))
-            m = layer.mlp
-            ffn = _lin(m.down_proj, _act(cfg.hidden_act, _lin(m.gate_proj, rmsnorm(
-                layer.post_attention_layernorm, x))) * _lin(m.up_proj, rmsnorm(
-                    layer.post_attention_layernorm, x)))
-            x = x + (ffn.masked_fill(skip_rows, 0) if skip is not None and li in layers else ffn)
+            x = decoder_layer(layer, x, allowed, cfg, rot,
+                              skip_rows if skip is not None and li in layers else None)[0]
         out.append(rmsnorm(lm.norm, x))
     return out, [[k for _, k, _ in row] for row in rows]
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 
 def best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
     """The (H, W) of `pinpoints` that keeps most of the image's pixels when it is scaled to
@@ -65,3 +67,32 @@ def pack(x: torch.Tensor, cfg, height: int, width: int, newline: torch.Tensor) -
     grid = grid[top:bottom, left:right]
     ends = newline.to(x).expand(grid.shape[0], 1, D)
     return torch.cat([x[0], torch.cat([grid, ends], 1).flatten(0, 1)])  # (N, D)
+
+
+def tiles(cfg, image_sizes: torch.Tensor) -> list[int]:  # per image, the base tile included
+    return [1 + r * c for r, c in (tile_grid(cfg, h, w) for h, w in image_sizes.tolist())]
+
+
+def check(cfg, pixel_values: torch.Tensor, image_sizes) -> list[int]:
+    """Validate a batch's image_sizes (I, 2) against its tiles; the tokens of each image."""
+    if not (isinstance(image_sizes, torch.Tensor) and image_sizes.shape ==
+            (pixel_values.shape[0], 2) and bool((image_sizes > 0).all())):
+        raise InputError("LLaVA-NeXT needs image_sizes, (images, 2) heights and widths")
+    if max(tiles(cfg, image_sizes)) > pixel_values.shape[1]:
+        raise InputError("pixel_values hold fewer tiles than image_sizes call for")
+    return [image_tokens(cfg, h, w) for h, w in image_sizes.tolist()]
+
+
+def pack_all(cfg, image_sizes, feats, attn, newline):
+    """Tiles' features (tiles, g*g, C), CLS attention (tiles, g*g) or None -> per image: tokens
+    (N_i, C), attention (N_i,; newlines last), parts (N_i,; 0 base, 1 tile, 2 newline)."""
+    sizes, n = image_sizes.tolist(), tiles(cfg, image_sizes)
+
+    def each(values, end):  # (tiles, g*g, D) -> per image (N_i, D)
+        return [pack(v, cfg, h, w, end) for v, (h, w) in zip(values.split(n), sizes)]
+    part = torch.ones_like(feats[..., :1])  # (tiles, g*g, 1)
+    part[[sum(n[:i]) for i in range(len(n))]] = 0
+    part = [p[:, 0] for p in each(part, part.new_tensor([2.0]))]
+    if attn is not None:
+        attn = [a[:, 0] for a in each(attn[..., None], attn.new_tensor([-torch.inf]))]
+    return each(feats, newline), attn, part

@@ -14,34 +14,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import check_fields, require
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu", "relu")
 ROPE_TYPES = ("default", "linear", "llama3")
 WIDTH, LAYERS, VOCAB, CONTEXT = 1 << 18, 1024, 1 << 22, 1 << 24  # sanity limits (see above)
-
-
-def check_fields(obj, section: str, rules: dict) -> None:
-    """Check fields against rules {name: (kind, allowed)}: kind "int", "num" (stored as
-    float), "bool" or "str", with a trailing "?" if None is allowed; allowed is an inclusive
-    (lo, hi) range for numbers and a tuple of choices for strings."""
-    for name, (kind, allowed) in rules.items():
-        v = getattr(obj, name)
-        if v is None and kind.endswith("?"):
-            continue
-        kind = kind.rstrip("?")
-        if kind == "bool":
-            ok, want = isinstance(v, bool), "true or false"
-        elif kind == "str":
-            ok, want = isinstance(v, str) and v in allowed, f"one of {list(allowed)}"
-        else:
-            number = (int,) if kind == "int" else (int, float)
-            ok = isinstance(v, number) and not isinstance(v, bool) and allowed[0] <= v <= allowed[1]
-            want = f"{'an integer' if kind == 'int' else 'a number'} in [{allowed[0]}, {allowed[1]}]"
-            if ok and kind == "num":
-                object.__setattr__(obj, name, float(v))
-        if not ok:
-            raise ConfigError(f"{section}{name} must be {want}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -64,10 +41,10 @@ class VisionConfig:
             num_channels=("int", (1, 16)), image_size=("int", (1, 1 << 14)),
             patch_size=("int", (1, 1 << 14)), hidden_act=("str", ACTIVATIONS),
             layer_norm_eps=("num", (0, 1))))
-        _check(self.hidden_size % self.num_attention_heads == 0,
+        require(self.hidden_size % self.num_attention_heads == 0,
                f"vision_config.hidden_size {self.hidden_size} is not divisible by "
                f"num_attention_heads {self.num_attention_heads}")
-        _check(self.image_size % self.patch_size == 0, f"vision_config.image_size "
+        require(self.image_size % self.patch_size == 0, f"vision_config.image_size "
                f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
@@ -100,7 +77,7 @@ class RopeConfig:
             high_freq_factor=("num", (0, 1e6)),
             original_max_position_embeddings=("int", (1, CONTEXT))))
         if self.rope_type == "llama3":
-            _check(self.high_freq_factor > self.low_freq_factor,
+            require(self.high_freq_factor > self.low_freq_factor,
                    "llama3 rope needs high_freq_factor > low_freq_factor")
 
 
@@ -135,11 +112,11 @@ class TextConfig:
             rms_norm_eps=("num", (0, 1)), max_position_embeddings=("int", (1, CONTEXT)),
             tie_word_embeddings=("bool", ()), attention_bias=("bool", ()),
             mlp_bias=("bool", ()), bos_token_id=ids, pad_token_id=ids))
-        _check(isinstance(self.rope, RopeConfig), "text_config.rope must be a RopeConfig")
+        require(isinstance(self.rope, RopeConfig), "text_config.rope must be a RopeConfig")
         if isinstance(self.eos_token_id, (list, tuple)):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-        _check(self.eos_token_id is None or all(
+        require(self.eos_token_id is None or all(
             isinstance(e, int) and not isinstance(e, bool) and -1 <= e <= VOCAB for e in eos),
             f"text_config.eos_token_id must be an integer, a list of them or null, got "
             f"{self.eos_token_id!r}")
@@ -147,10 +124,10 @@ class TextConfig:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        _check(self.num_attention_heads % self.num_key_value_heads == 0,
+        require(self.num_attention_heads % self.num_key_value_heads == 0,
                f"text_config.num_attention_heads {self.num_attention_heads} is not a multiple "
                f"of num_key_value_heads {self.num_key_value_heads}")
-        _check(self.head_dim >= 2 and self.head_dim % 2 == 0,
+        require(self.head_dim >= 2 and self.head_dim % 2 == 0,
                f"text_config.head_dim {self.head_dim} must be even (RoPE rotates pairs)")
 
     @property
@@ -173,7 +150,7 @@ class LlavaConfig:
     image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT: (H, W)s
 
     def __post_init__(self):
-        _check(isinstance(self.vision, VisionConfig) and isinstance(self.text, TextConfig),
+        require(isinstance(self.vision, VisionConfig) and isinstance(self.text, TextConfig),
                "LlavaConfig needs a VisionConfig and a TextConfig")
         check_fields(self, "", dict(
             image_token_id=("int", (-(1 << 31), VOCAB)),
@@ -182,19 +159,19 @@ class LlavaConfig:
             summary_scorer=("bool", ())))
         grid, S = self.image_grid_pinpoints, self.vision.image_size
         if grid is not None:  # LLaVA-NeXT: candidate resolutions, whole tiles of the tower's size
-            _check(isinstance(grid, (list, tuple)) and len(grid) > 0 and all(
+            require(isinstance(grid, (list, tuple)) and len(grid) > 0 and all(
                 isinstance(p, (list, tuple)) and len(p) == 2 and all(
                     type(v) is int and 0 < v <= 1 << 14 and v % S == 0 for v in p) for p in grid),
                 f"image_grid_pinpoints must be a list of [height, width] pairs, multiples of the "
                 f"vision image_size {S}, got {grid!r}")
             object.__setattr__(self, "image_grid_pinpoints", tuple(tuple(p) for p in grid))
-            _check(self.vision_feature_select_strategy == "default", "LLaVA-NeXT packs the "
+            require(self.vision_feature_select_strategy == "default", "LLaVA-NeXT packs the "
                    "patch features of its tiles: vision_feature_select_strategy must be 'default'")
         layers = self.vision_feature_layer
         if isinstance(layers, list):
             object.__setattr__(self, "vision_feature_layer", layers := tuple(layers))
         n = self.vision.num_hidden_layers
-        _check(isinstance(layers, (int, tuple)) and len(self.raw_feature_layers) > 0 and all(
+        require(isinstance(layers, (int, tuple)) and len(self.raw_feature_layers) > 0 and all(
             isinstance(i, int) and not isinstance(i, bool) and -(n + 1) <= i <= n
             for i in self.raw_feature_layers),
             f"vision_feature_layer must be an integer (or a list of them) in [{-(n + 1)}, {n}] "
@@ -218,8 +195,3 @@ class LlavaConfig:
 
     def replace(self, **changes) -> "LlavaConfig":
         return dataclasses.replace(self, **changes)
-
-
-def _check(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)

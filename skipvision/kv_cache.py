@@ -42,20 +42,22 @@ class KVCache:
     def __init__(self, n_layers: int):
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
-        self.pos: torch.Tensor | None = None  # (B, S) long
-        self.horizon: torch.Tensor | None = None  # (B, S) long, NEVER for padding slots
+        self.slots: dict[int, tuple] = {}  # first layer of a group -> its (pos, horizon) (B, S)
+
+    pos = property(lambda self: self.slots[0][0] if self.slots else None)  # (B, S) long
+    horizon = property(lambda self: self.slots[0][1] if self.slots else None)  # NEVER: padding
 
     def __len__(self) -> int:
         return 0 if self.pos is None else self.pos.shape[1]
 
-    def extend(self, pos: torch.Tensor, horizon: torch.Tensor):
-        """Register new slots; returns positions and horizons of all slots, (B, S) each."""
-        if self.pos is None:
-            self.pos, self.horizon = pos, horizon
-        else:
-            self.pos = torch.cat([self.pos, pos], dim=1)
-            self.horizon = torch.cat([self.horizon, horizon], dim=1)
-        return self.pos, self.horizon
+    def extend(self, pos: torch.Tensor, horizon: torch.Tensor, first: int = 0):
+        """Register new slots for the layers from `first` to the next group's first layer (one
+        group unless a pruner dropped rows inside the LM); returns that group's (B, S) each."""
+        if first in self.slots:
+            old_pos, old_horizon = self.slots[first]
+            pos, horizon = torch.cat([old_pos, pos], 1), torch.cat([old_horizon, horizon], 1)
+        self.slots[first] = pos, horizon
+        return pos, horizon
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append (B, Hkv, T, D) keys/values of one layer; returns all (B, Hkv, S, D)."""
@@ -72,14 +74,16 @@ class KVCache:
         right to the longest row with invisible slots (horizon NEVER). The old tensors are
         released, so the memory is really freed (the authors' code only slices at each step).
         """
+        if len(self.slots) > 1:
+            raise ValueError("KVCache.keep needs one group of slots (not after in-LM pruning)")
         B, S = self.pos.shape
         n_keep = mask.sum(1)
         width = int(n_keep.max()) if B else 0
         # stable order: kept slots first (in their original order), then the rest
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, W)
         filler = torch.arange(width, device=mask.device)[None] >= n_keep[:, None]  # (B, W)
-        self.pos = self.pos.gather(1, order)
-        self.horizon = self.horizon.gather(1, order).masked_fill(filler, NEVER)
+        self.slots[0] = (self.pos.gather(1, order),
+                         self.horizon.gather(1, order).masked_fill(filler, NEVER))
         for i, (k, v) in enumerate(zip(self.k, self.v)):
             if k is None:
                 continue

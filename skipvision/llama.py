@@ -153,21 +153,26 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, pos, horizon=None, cache=None, ffn_rows=None) -> torch.Tensor:
-        """Embeddings x (B, T, C) at positions (B, T) -> final normed hidden states (B, T, C).
+    def forward(self, x, pos, horizon=None, cache=None, ffn_rows=None, prune=None):
+        """Embeddings x (B, T, C) at positions (B, T) -> final normed hidden states (B, T', C).
 
         `horizon` (B, T): last query position that may see each token (default: forever).
         `cache`: a KVCache, extended in place. `ffn_rows`: per layer, None or the flat (B*T)
-        indices of the rows that get the FFN (Skip-FFN).
+        indices of the rows that get the FFN (Skip-FFN). `prune(lm, i, x, pos, horizon)`: sees
+        each layer's input and may drop rows from `prune.layer` on (T' <= T; pruning/).
         """
         if horizon is None:
             horizon = torch.full_like(pos, FOREVER)
         fresh = cache is None or len(cache) == 0
-        k_pos, k_hor = (pos, horizon) if cache is None else cache.extend(pos, horizon)
-        causal = fresh and is_plain_causal(pos, horizon)  # then mask None: SDPA's is_causal
-        mask = None if causal else attention_mask(pos, k_pos, k_hor)
-        cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)
+        starts = {0, *(cache.slots if cache is not None else ()), *([prune.layer] if prune else ())}
         for i, layer in enumerate(self.layers):
+            if prune is not None:  # pruning hook: FastV, DART drop image rows inside the LM
+                x, pos, horizon = prune(self, i, x, pos, horizon)
+            if i in starts:  # the slots this layer (and the next ones) attend over
+                k_pos, k_hor = (pos, horizon) if cache is None else cache.extend(pos, horizon, i)
+                causal = fresh and is_plain_causal(pos, horizon)  # mask None: SDPA's is_causal
+                mask = None if causal else attention_mask(pos, k_pos, k_hor)
+                cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)
             rows = None if ffn_rows is None else ffn_rows[i]
             x = layer(x, cos, sin, mask, cache, i, rows)
         return self.norm(x)

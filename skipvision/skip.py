@@ -16,26 +16,24 @@ What the paper changes, and nothing else (everything else is vlm.py / llama.py):
   runs on the other rows only (`ffn_rows`, llama.py).
 - Skip-KV: after prefill the skipped tokens' keys/values leave the cache (generate.py).
 
-`arrange` is the seam: the plain model's input (vlm.LMInput) and where its images are
-(vlm.ImageTokens) in, the arranged input out: a gather over the plain rows (text, retained)
-plus the rows made here (merged, summary). This module imports neither vlm nor llama.
+`arrange` is Skip-Vision's side of the seam (seam.py): the plain model's input (vlm.LMInput)
+and where its images are (vlm.ImageTokens) in, the arranged input out: a gather over the
+plain rows (text, retained) plus the rows made here (merged, summary). This module imports
+neither vlm nor llama.
 Shapes: B batch, T tokens, I images (G of one size), N tokens per image, M merge
 candidates, E rows made per image, C LLM width.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_fields
-from .errors import ConfigError, InputError
-from .kv_cache import left_pad, slots
-
-PAD, TEXT, RETAINED, SUMMARY, SKIPPED = -1, 0, 1, 2, 3  # Layout.kind values
+from .errors import ConfigError, check_fields
+from .seam import (PAD, RETAINED, SKIPPED, SUMMARY, TEXT, Layout, assemble,  # noqa: F401
+                   complement)
 
 
 def by_cls_attention(images, idx: list[int], n: int) -> torch.Tensor:
@@ -101,6 +99,10 @@ class SkipConfig:
     def ffn_layers(self, n_layers: int) -> tuple[int, ...]:
         return tuple(range(n_layers)) if self.layers is None else self.layers
 
+    def arrange(self, plain, images, scorer, n_layers: int, position_ids=None):
+        """The token-policy protocol the model calls (skipvision/pruning implements it too)."""
+        return arrange(plain, images, self, scorer, n_layers, position_ids)
+
 
 PRESETS = {  # (N_r, N_s) settings reported in the paper
     "sv-llava-100-156": SkipConfig(retained=100, skipped=156),
@@ -108,19 +110,6 @@ PRESETS = {  # (N_r, N_s) settings reported in the paper
     "llava-1.5-64-156": SkipConfig(retained=64, skipped=156),
     "sv-llava-hd-576-576": SkipConfig(retained=576, skipped=576, retain="thumbnail"),  # HD
 }
-
-
-@dataclass
-class Layout:
-    """Where every token of the arranged (B, T) sequence came from, and where images went."""
-    kind: torch.Tensor  # (B, T) PAD / TEXT / RETAINED / SUMMARY / SKIPPED
-    index: torch.Tensor  # (B, T) the plain input's flat (B*T0) row a token copies; -1 if made here
-    image: torch.Tensor  # (B, T) image of image-derived tokens, else -1
-    dest: list  # per image (N_i,): the column each of its tokens went to (-1: dropped)
-
-    @property
-    def is_skipped(self) -> torch.Tensor:
-        return self.kind == SKIPPED
 
 
 class SummaryScorer(nn.Module):
@@ -177,12 +166,6 @@ def merge(x: torch.Tensor, n_out: int, order: str):
     return sums / counts[..., None], dst, slot
 
 
-def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
-    """(I, K) indices (as many distinct ones per row) -> (I, n - distinct) the others, ascending."""
-    taken = torch.zeros(keep.shape[0], n, dtype=torch.bool, device=keep.device)
-    return (~taken.scatter(1, keep, True)).nonzero()[:, 1].view(keep.shape[0], -1)
-
-
 def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_layers: int,
             position_ids=None):
     """The plain input (vlm.LMInput) and its images (vlm.ImageTokens) -> the arranged LMInput.
@@ -190,32 +173,19 @@ def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_lay
     Per image: retained rows (by the `skip.retain` policy), merged rows, summary rows, in the
     order [retained][q1][skipped][q2], where the image's tokens were; text stays in place.
     """
-    if position_ids is not None:
-        raise InputError("position_ids cannot be combined with Skip-Vision: positions are "
-                         "recomputed over the arranged sequence")
-    B, T, C = plain.embeds.shape
     flat = plain.embeds.flatten(0, 1)  # (B*T, C)
-    made, segments, kinds, dests = _images(flat, T, images, skip, scorer, n_layers)
-    # per batch row: text where it was, each image's segment in place of its tokens
-    index, kind, image = _rows(plain.attention_mask, images, segments, kinds)
-    pad_row = B * T + len(made)
-    index, valid = left_pad(index, pad_row)
-    kind, image = left_pad(kind, PAD)[0], left_pad(image, -1)[0]
-    table = torch.cat([flat, made, flat.new_zeros(1, C)])  # (pad_row + 1, C)
-    embeds = table.index_select(0, index.flatten()).view(*index.shape, C)  # (B, T', C)
-    # positions run over the arranged sequence; the consistent mask hides skipped tokens
-    pos, horizon = slots(valid)
-    if skip.mask == "consistent" and segments:  # seen only up to their image's last token
+    made, segments, kinds, dests = _images(flat, plain.embeds.shape[1], images, skip, scorer,
+                                           n_layers)
+    inp, col = assemble(plain, images, made, segments, kinds, position_ids)
+    layout = inp.layout
+    if skip.mask == "consistent" and segments:  # skipped: seen only up to their image's end
+        pos, image = inp.pos, layout.image
         sel, last = image >= 0, pos.new_full((len(segments),), -1)
         last = last.scatter_reduce(0, image[sel], pos[sel], "amax")
-        horizon = torch.where(kind == SKIPPED, last[image.clamp(min=0)], horizon)
-    col = torch.full((pad_row + 1,), -1, device=pos.device)  # arranged column of a table row
-    col[index[valid]] = valid.nonzero()[:, 1]
-    layout = Layout(kind, index.masked_fill(index >= B * T, -1), image,
-                    [_dest(col, *d) for d in dests])
-    return dataclasses.replace(plain, embeds=embeds, pos=pos, horizon=horizon,
-                               attention_mask=valid, layout=layout,
-                               ffn_rows=ffn_rows(layout.is_skipped, skip, n_layers))
+        inp.horizon = torch.where(layout.kind == SKIPPED, last[image.clamp(min=0)], inp.horizon)
+    layout.dest = [_dest(col, *d) for d in dests]
+    inp.ffn_rows = ffn_rows(layout.is_skipped, skip, n_layers)
+    return inp
 
 
 def _images(flat, T, images, skip, scorer, n_layers):
@@ -256,29 +226,6 @@ def _images(flat, T, images, skip, scorer, n_layers):
             segments[i], kinds[i] = torch.cat([keep_rows[j], rows[j]]), kind
             dests[i] = (N, keep[j], rest[j], keep_rows[j], joined[j])
     return torch.cat([flat[:0], *made]), segments, kinds, dests
-
-
-def _rows(mask, images, segments, kinds):
-    """Per batch row: the table rows, kinds and image numbers of the arranged sequence."""
-    B, T = mask.shape
-    start = (~mask).sum(1).tolist()  # first real column of each row (left padding)
-    out = [([], [], []) for _ in range(B)]
-
-    def add(b, end, image=None):  # the row's text up to column `end`, then an image
-        text = b * T + torch.arange(start[b], end, device=mask.device)
-        pieces = [(text, torch.full_like(text, TEXT), torch.full_like(text, -1))]
-        if image is not None:
-            pieces.append((segments[image], kinds[image], torch.full_like(kinds[image], image)))
-        for piece in pieces:
-            for part, x in zip(out[b], piece):
-                part.append(x)
-
-    for i, (b, cols) in enumerate(zip(images.row.tolist(), images.cols)):
-        add(b, int(cols[0]), i)
-        start[b] = int(cols[-1]) + 1
-    for b in range(B):
-        add(b, T)
-    return ([torch.cat(r[j]) for r in out] for j in range(3))
 
 
 def _dest(col, n, keep, rest, keep_rows, joined_rows):

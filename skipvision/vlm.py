@@ -7,7 +7,8 @@ image feature; their embeddings are replaced, in order, by the projected feature
 
 Skip-Vision enters at two lines (grep "skip-vision hook"): `summary_scorer` holds the learned
 summary-token scorer when the checkpoint has one, and `prepare` hands the plain input and its
-images (`ImageTokens`) to skip.arrange, which returns the arranged input.
+images (`ImageTokens`) to the token policy `skip` (a SkipConfig, or a pruner of
+skipvision/pruning), whose `arrange` returns the arranged input.
 
 Shapes: B batch, T tokens, I images, N image tokens per image, C LLM width, V vocab.
 """
@@ -24,6 +25,7 @@ from .config import LlavaConfig
 from .errors import InputError, NonFiniteError
 from .kv_cache import slots
 from .llama import LlamaForCausalLM
+from .seam import Layout
 from .projector import MultiModalProjector
 from .vision import VisionTower
 
@@ -36,7 +38,8 @@ class LMInput:
     horizon: torch.Tensor  # (B, T) long, last query position allowed to see each token
     attention_mask: torch.Tensor  # (B, T) bool, False on padding
     ffn_rows: list | None = None  # per decoder layer: None, or the flat rows that get the FFN
-    layout: skip_vision.Layout | None = None  # Skip-Vision: where every token came from
+    layout: Layout | None = None  # a token policy's: where every token came from
+    prune: object = None  # a pruner dropping rows inside the LM (llama.LlamaModel: `prune`)
 
 
 @dataclass
@@ -75,10 +78,9 @@ class Llava(nn.Module):
         if cls_attention and last == 0:
             raise InputError("vision_feature_layer 0 (the embeddings) has no attention to rank "
                              "image tokens by; Skip-Vision needs a layer >= 1")
-        if cfg.image_grid_pinpoints:
-            sizes = image_sizes.tolist()
-            n = [1 + r * c for r, c in (anyres.tile_grid(cfg, h, w) for h, w in sizes)]
-            pixel_values = torch.cat([px[:k] for px, k in zip(pixel_values, n)])  # (tiles, ...)
+        if cfg.image_grid_pinpoints:  # (I, tiles, ...) -> each image's own tiles, (tiles, ...)
+            pixel_values = torch.cat([px[:k] for px, k in zip(pixel_values, anyres.tiles(
+                cfg, image_sizes))])
         states, attn = self.vision_tower.hidden_states(pixel_values, cfg.feature_layers,
                                                        last if cls_attention else 0)
         feats = self.project(states)  # (tiles, N, C)
@@ -86,16 +88,7 @@ class Llava(nn.Module):
             attn = attn[:, 1:]  # the patches' features, not CLS
         if not cfg.image_grid_pinpoints:
             return list(feats), None if attn is None else list(attn), None
-
-        def pack(values, newline):  # per image: its tiles' values (T_i, N, D) -> (N_i, D)
-            return [anyres.pack(v, cfg, h, w, newline) for v, (h, w) in zip(values.split(n),
-                                                                             sizes)]
-        part = torch.ones_like(feats[..., :1])  # (tiles, N, 1): 0 a base tile's, 1 a tile's
-        part[[sum(n[:i]) for i in range(len(n))]] = 0
-        part = [p[:, 0] for p in pack(part, part.new_tensor([2.0]))]  # newlines: 2
-        if attn is not None:  # a newline is never ranked first
-            attn = [a[:, 0] for a in pack(attn[..., None], attn.new_tensor([-torch.inf]))]
-        return pack(feats, self.image_newline), attn, part
+        return anyres.pack_all(cfg, image_sizes, feats, attn, self.image_newline)
 
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, C); image placeholders (any id, even -200) and padding
@@ -146,13 +139,7 @@ class Llava(nn.Module):
             raise NonFiniteError("pixel_values hold NaN or inf (check the image preprocessing)")
         if not next_:
             return [self.cfg.image_seq_length] * pixel_values.shape[0]
-        if not (isinstance(image_sizes, torch.Tensor) and image_sizes.shape ==
-                (pixel_values.shape[0], 2) and bool((image_sizes > 0).all())):
-            raise InputError("LLaVA-NeXT needs image_sizes, (images, 2) heights and widths")
-        grids = [anyres.tile_grid(self.cfg, h, w) for h, w in image_sizes.tolist()]
-        if max(1 + r * c for r, c in grids) > pixel_values.shape[1]:
-            raise InputError("pixel_values hold fewer tiles than image_sizes call for")
-        return [anyres.image_tokens(self.cfg, h, w) for h, w in image_sizes.tolist()]
+        return anyres.check(self.cfg, pixel_values, image_sizes)
 
     def prepare(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                 skip=None, image_sizes=None) -> LMInput:
@@ -172,14 +159,15 @@ class Llava(nn.Module):
         pos, horizon = slots(attention_mask)
         pos = pos if position_ids is None else position_ids
         inp = LMInput(embeds, pos, horizon, attention_mask)
-        if skip is not None:  # skip-vision hook: retained, merged and summary tokens
-            inp = skip_vision.arrange(inp, images, skip, self.summary_scorer,
-                                      self.cfg.text.num_hidden_layers, position_ids)
+        if skip is not None:  # skip-vision hook: a token policy (skip.py, or a pruner)
+            inp = skip.arrange(inp, images, self.summary_scorer, self.cfg.text.num_hidden_layers,
+                               position_ids)
         return inp
 
     def run(self, inp: LMInput, cache=None) -> torch.Tensor:
         """Language model on a prepared input -> final hidden states (B, T, C)."""
-        return self.language_model.model(inp.embeds, inp.pos, inp.horizon, cache, inp.ffn_rows)
+        return self.language_model.model(inp.embeds, inp.pos, inp.horizon, cache, inp.ffn_rows,
+                                         inp.prune)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)
@@ -188,7 +176,7 @@ class Llava(nn.Module):
                 cache=None, skip=None, image_sizes=None) -> torch.Tensor:
         """Logits (B, T, V) for the same inputs LlavaForConditionalGeneration takes.
 
-        With `skip`, T is the length of the Skip-Vision arranged sequence (see skip.Layout).
+        With `skip`, T is the length of the arranged sequence (see seam.Layout).
         """
         inp = self.prepare(input_ids, pixel_values, attention_mask, position_ids, skip,
                            image_sizes)

@@ -60,7 +60,8 @@ def test_eviction_equals_full_cache_with_skipped_keys_hidden(m, data, lens):
         assert torch.equal(prefill(model, inp, masked), first)
         evicted.keep(~inp.layout.is_skipped)
         last = inp.pos.max(1).values
-        masked.horizon = torch.where(inp.layout.is_skipped, last[:, None], masked.horizon)
+        masked.slots[0] = masked.pos, torch.where(inp.layout.is_skipped, last[:, None],
+                                                  masked.horizon)
         pos = last + 1
         for _ in range(4):
             tok = torch.randint(0, model.cfg.text.vocab_size - 1, (ids.shape[0],), generator=g)

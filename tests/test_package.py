@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT
 
 PKG = ROOT / "skipvision"
-MODEL = ["config", "vision", "projector", "llama", "vlm", "kv_cache", "generate", "skip"]
+MODEL = ["config", "vision", "projector", "llama", "vlm", "kv_cache", "generate", "skip", "seam"]
 BESIDE = ["errors", "anyres"]  # the error types; LLaVA-NeXT's tiling geometry
 
 

@@ -20,8 +20,7 @@ import torch
 from PIL import Image
 
 from ..anyres import best_resolution
-from ..config import check_fields
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, check_fields
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (llava-hf preprocessor_config.json)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
