@@ -23,6 +23,9 @@ from skipvision import flops, generate, load_pretrained
 from skipvision.io.hub import in_folder
 from skipvision.io.loading import load_skip_config
 from skipvision.io.processor import TEMPLATES
+from skipvision.analysis.flops import counted_prefill
+from skipvision.pruning import METHODS, Prune
+from skipvision.pruning import name as policy_name
 from skipvision.skip import PRESETS, SkipConfig
 
 from cli import Parser, fail, run_main  # examples/, next to this file
@@ -61,6 +64,11 @@ def parse_args(argv=None):
     s.add_argument("--mask", choices=["causal", "consistent"], help="text-to-skipped visibility")
     s.add_argument("--kv", choices=["evict", "keep"], help="Skip-KV: drop skipped tokens' "
                    "keys/values after prefill, or keep them")
+    r = p.add_argument_group("training-free pruning (instead of Skip-Vision; plain, then pruned)")
+    r.add_argument("--prune", choices=METHODS, help="random, visionzip, divprune (at the LLM's "
+                   "input), fastv, dart (inside the LLM after --prune-layer layers)")
+    r.add_argument("--budget", type=int, help="image tokens kept per image (with --prune)")
+    r.add_argument("--prune-layer", type=int, default=2, help="fastv, dart: K (default: 2)")
     s.add_argument("--certify", action="store_true", help="prove (or not) that Skip-FFN and "
                    "Skip-KV leave the greedy answer unchanged (error bound; runs in float64)")
     a = p.parse_args(argv)
@@ -74,6 +82,11 @@ def parse_args(argv=None):
     custom = [f for f in ("retained", "skipped", "mask", "kv") if getattr(a, f) is not None]
     if a.skip == "none" and custom:
         p.error(f"--{custom[0]} sets Skip-Vision, but --skip none turns it off")
+    if (a.prune is None) != (a.budget is None):
+        p.error("--prune and --budget go together (a method and the tokens it keeps)")
+    if a.prune and (a.skip or custom or a.certify):
+        p.error("--prune replaces Skip-Vision: drop --skip, --retained, --skipped, --mask, "
+                "--kv and --certify")
     return a
 
 
@@ -128,9 +141,11 @@ def main(argv=None):
             fail(f"the shipped model {SHIPPED} does not exist yet; pass --model (a Hub id "
                  "such as llava-hf/llava-1.5-7b-hf, or a checkpoint directory)")
         a.model = str(SHIPPED)
-        a.skip = a.skip or "both"
+        a.skip = a.skip or (None if a.prune else "both")
     both = a.skip == "both"  # plain first, then the checkpoint's settings (flags apply to it)
     skips = [None, skip_config(a, "checkpoint")] if both else [skip_config(a, a.skip or "none")]
+    if a.prune:
+        skips = [None, Prune(a.prune, a.budget, layer=a.prune_layer)]
     try:
         device = torch.device(a.device)
     except RuntimeError:
@@ -149,7 +164,7 @@ def main(argv=None):
     if image is None:
         fail("--image is required for this checkpoint (it ships no example image)")
     for skip in skips:  # before any work (LLaVA-NeXT's counts depend on the image: later)
-        if skip is not None and not model.cfg.image_grid_pinpoints:
+        if isinstance(skip, SkipConfig) and not model.cfg.image_grid_pinpoints:
             skip.check(model.cfg.image_seq_length, model.cfg.text.num_hidden_layers)
     inputs = processor(processor.format(question, a.template), [image])
     n_prompt = inputs["input_ids"].shape[1]
@@ -160,7 +175,7 @@ def main(argv=None):
     reports = []
     for skip in skips:
         if a.report == "text":
-            print(f"[{'plain LLaVA' if skip is None else 'Skip-Vision'}] {question}\n> ", end="")
+            print(f"[{policy_name(skip)}] {question}\n> ", end="")
         r = answer(model, processor, inputs, skip, a)
         reports.append(dict(model=a.model, image=image, question=question, load_s=round(load_s, 3),
                             **r))
@@ -217,8 +232,16 @@ def answer(model, processor, inputs, skip, a) -> dict:
         tokens_kept_in_cache=kv["after_eviction"] // slot,
         peak_memory_bytes=peak_memory_bytes(device),
         skip=None if skip is None else vars(skip),
-        flops=flops_both_paths(model.cfg, n_prompt - n_image, images, skip, n_new,
-                               model_dtype(model)))
+        flops=(flops_both_paths(model.cfg, n_prompt - n_image, images, skip, n_new,
+                                model_dtype(model)) if not isinstance(skip, Prune) else
+               counted(model, inputs, skip)))
+
+
+def counted(model, inputs, skip) -> dict:
+    """A pruner's LM prefill FLOPs, counted (analysis/flops.py models Skip-Vision only)."""
+    inp = model.prepare(inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
+                        inputs["attention_mask"], skip=skip, image_sizes=inputs.get("image_sizes"))
+    return {"prefill_counted": counted_prefill(model, inp, skip)[0]}
 
 
 def certificate(model, inputs, skip, gen, a) -> dict:

@@ -159,10 +159,8 @@ class LlamaModel(nn.Module):
         `horizon` (B, T): last query position that may see each token (default: forever).
         `cache`: a KVCache, extended in place. `ffn_rows`: per layer, None or the flat (B*T)
         indices of the rows that get the FFN (Skip-FFN). `prune(lm, i, x, pos, horizon)`: sees
-        each layer's input and may drop rows from `prune.layer` on (T' <= T; pruning/).
-        """
-        if horizon is None:
-            horizon = torch.full_like(pos, FOREVER)
+        each layer's input and may drop rows from `prune.layer` on (T' <= T; pruning/)."""
+        horizon = torch.full_like(pos, FOREVER) if horizon is None else horizon
         fresh = cache is None or len(cache) == 0
         starts = {0, *(cache.slots if cache is not None else ()), *([prune.layer] if prune else ())}
         for i, layer in enumerate(self.layers):

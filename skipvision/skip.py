@@ -96,6 +96,10 @@ class SkipConfig:
             raise ConfigError(f"Skip-FFN layers {bad} do not exist; the decoder has layers "
                               f"0..{n_layers - 1}")
 
+    @property
+    def ranks_by_cls_attention(self) -> bool:  # whether the tower must report it
+        return self.retain == "cls_attention"
+
     def ffn_layers(self, n_layers: int) -> tuple[int, ...]:
         return tuple(range(n_layers)) if self.layers is None else self.layers
 

@@ -152,7 +152,7 @@ class Llava(nn.Module):
         embeds = self.embed_text(input_ids, attention_mask)
         if counts:
             feats, images.cls_attention, images.part = self.image_features(
-                pixel_values, image_sizes, skip is not None)
+                pixel_values, image_sizes, skip is not None and skip.ranks_by_cls_attention)
             per = torch.tensor(counts, device=images.row.device)
             where = (images.row.repeat_interleave(per), torch.cat(images.cols))
             embeds = embeds.index_put(where, torch.cat(feats).to(embeds.dtype))  # (B, T, C)

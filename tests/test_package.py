@@ -141,3 +141,12 @@ def test_the_repetition_check_can_fail(tmp_path):
     assert repeated_blocks([tmp_path / "a.py"], tmp_path) == []
     assert repeated_blocks([tmp_path / "a.py", tmp_path / "b.py"], tmp_path) == [
         "a.py:1 ~ b.py:2"]
+
+
+def test_the_readme_layout_names_every_file():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("## Loading checkpoints")]
+    files = [p for folder in ("skipvision", "examples") for p in (ROOT / folder).rglob("*.py")
+             if p.name != "__init__.py"]
+    missing = [str(p.relative_to(ROOT)) for p in files if p.name not in layout]
+    assert not missing, f"README's layout table does not name {missing}"

@@ -38,10 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from .. import anyres
 from ..config import LlavaConfig, TextConfig
 from ..errors import InputError
+from .. import generate
+from ..kv_cache import KVCache
 from ..skip import PRESETS, SkipConfig
 
 
@@ -176,8 +180,8 @@ def vision(cfg: LlavaConfig, images=1, skip: SkipConfig | None = None) -> dict:
                tower=tiles * layers_run * layer,
                projector=2 * tiles * cfg.image_seq_length * (d_in * C + C * C),
                split=0, merge=0, summary=0)
-    if skip is not None:
-        out["split"] = tiles * 2 * Cv * (Cv + P * Cv + P)  # CLS query, keys, scores
+    if skip is not None:  # CLS query, keys, scores, where the split ranks by them
+        out["split"] = tiles * 2 * Cv * (Cv + P * Cv + P) * skip.ranks_by_cls_attention
         for n, _, newlines in counts:
             M, n_s = merged(skip, n, newlines)
             out["merge"] += 2 * M * M * C if n_s else 0  # cosine matrix
@@ -250,3 +254,16 @@ def compare(cfg: LlavaConfig, text: int | Sequence[int] = 64, images: int | Sequ
         d = out[part]
         d["ratio"] = d["skip"] / d["plain"] if d["plain"] else float("nan")
     return out
+
+
+@torch.inference_mode()
+def counted_prefill(model, inp, skip=None) -> tuple[int, int]:
+    """(FLOPs, KV bytes left for decoding) of `generate`'s prefill on a prepared input, counted
+    by FlopCounterMode with SDPA's math backend (every product, any token policy: the pruners
+    too, whose geometry this module does not model); Skip-KV's eviction applied."""
+    cache = KVCache(model.cfg.text.num_hidden_layers)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as count:
+        generate.prefill(model, inp, cache)
+    if inp.layout is not None and getattr(skip, "kv", "keep") == "evict":
+        cache.keep(~inp.layout.is_skipped)
+    return count.get_total_flops(), cache.nbytes()

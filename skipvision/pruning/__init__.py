@@ -58,6 +58,10 @@ class Prune:
         return round(self.budget * 10 / 64) if self.contextual is None else self.contextual
 
     @property
+    def ranks_by_cls_attention(self) -> bool:  # whether the tower must report it
+        return self.method == "visionzip"
+
+    @property
     def n_pivots(self) -> int:
         return max(1, self.budget // 8) if self.pivots is None else self.pivots
 
