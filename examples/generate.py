@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from skipvision import flops, generate, load_pretrained
+from skipvision import flops, load_pretrained
 from skipvision.io.hub import in_folder
 from skipvision.io.loading import load_skip_config
 from skipvision.io.processor import TEMPLATES
-from skipvision.analysis.flops import counted_prefill
+from skipvision import fast
+from skipvision.analysis.flops import counted_prefill, lm_weight_params
 from skipvision.pruning import METHODS, Prune
 from skipvision.pruning import name as policy_name
 from skipvision.skip import PRESETS, SkipConfig
@@ -36,7 +37,8 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llava"
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="Hub repo id or checkpoint directory (default: the shipped tiny model)")
+    p.add_argument("--model", help="Hub repo id or checkpoint directory (default: the shipped "
+                   "tiny model)")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     p.add_argument("--image", help="image path or http(s) URL (default: the sample image the "
                    "checkpoint directory ships, if any)")
@@ -69,6 +71,11 @@ def parse_args(argv=None):
                    "input), fastv, dart (inside the LLM after --prune-layer layers)")
     r.add_argument("--budget", type=int, help="image tokens kept per image (with --prune)")
     r.add_argument("--prune-layer", type=int, default=2, help="fastv, dart: K (default: 2)")
+    f = p.add_argument_group("speed (skipvision/fast; the same tokens)")
+    f.add_argument("--static-cache", action="store_true", help="a pre-allocated KV cache")
+    f.add_argument("--compile", action="store_true", help="torch.compile the decode step "
+                   "(implies --static-cache; the first step compiles)")
+    f.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up at load time")
     s.add_argument("--certify", action="store_true", help="prove (or not) that Skip-FFN and "
                    "Skip-KV leave the greedy answer unchanged (error bound; runs in float64)")
     a = p.parse_args(argv)
@@ -157,6 +164,8 @@ def main(argv=None):
     model, processor = load_pretrained(a.model, a.revision, dtype, device,
                                        offline=True if a.offline else None)
     load_s = time.perf_counter() - t0
+    model = fast.fuse(model) if a.fuse else model
+    a.step = fast.compiled_step() if a.compile else None  # compiled once, for both runs
     example = checkpoint_example(Path(a.model))
     image = a.image or (str(in_folder(Path(a.model), example["image"], "example image"))
                         if "image" in example else None)
@@ -205,10 +214,12 @@ def answer(model, processor, inputs, skip, a) -> dict:
         shown = text
 
     t0 = time.perf_counter()
-    gen = generate(model, inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
-                   inputs["attention_mask"], max_new_tokens=a.max_new_tokens,
-                   temperature=a.temperature, top_p=a.top_p, generator=generator, skip=skip,
-                   on_token=stream, image_sizes=inputs.get("image_sizes"))
+    gen = fast.generate(model, inputs["input_ids"],
+                        inputs["pixel_values"].to(model_dtype(model)), inputs["attention_mask"],
+                        max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                        top_p=a.top_p, generator=generator, skip=skip, on_token=stream,
+                        image_sizes=inputs.get("image_sizes"), compile=a.compile,
+                        static=a.static_cache or a.compile, step=a.step)
     n_new, kv = int(gen.lengths[0]), gen.kv_bytes
     decode_s = arrived[n_new - 1] - arrived[0] if n_new > 1 else None
     n_prompt = inputs["input_ids"].shape[1]
@@ -227,6 +238,8 @@ def answer(model, processor, inputs, skip, a) -> dict:
         prefill_tokens=gen.prompt_tokens,
         time_to_first_token_s=round(arrived[0] - t0, 4) if arrived else None,
         decode_tokens_per_s=round((n_new - 1) / decode_s, 2) if decode_s else None,
+        **roofline(model, inputs, skip, gen, (n_new - 1) / decode_s if decode_s else None,
+                   arrived[0] - t0 if arrived else None, a),
         kv_bytes_prefill=kv["prefill"], kv_bytes=kv["after_eviction"],
         kv_bytes_saved=kv["prefill"] - kv["after_eviction"],
         tokens_kept_in_cache=kv["after_eviction"] // slot,
@@ -242,6 +255,25 @@ def counted(model, inputs, skip) -> dict:
     inp = model.prepare(inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
                         inputs["attention_mask"], skip=skip, image_sizes=inputs.get("image_sizes"))
     return {"prefill_counted": counted_prefill(model, inp, skip)[0]}
+
+
+def roofline(model, inputs, skip, gen, tokens_per_s, ttft, a) -> dict:
+    """Achieved decode bytes/s over the copy bandwidth, and the prefill's FLOP/s (LM and
+    tower: the time to first token) over the matrix-product throughput, both measured now."""
+    from skipvision.analysis.roofline import matmul_throughput, memory_bandwidth
+    device = inputs["input_ids"].device
+    slots = gen.kv_bytes["final"] + gen.kv_bytes["after_eviction"]  # mean over the steps, x2
+    need = lm_weight_params(model.cfg.text) * model_dtype(model).itemsize + slots // 2
+    inp = model.prepare(inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
+                        inputs["attention_mask"], skip=skip, image_sizes=inputs.get("image_sizes"))
+    bw, mm = memory_bandwidth(device, repeats=5), matmul_throughput(device, repeats=5)
+    out = dict(memory_bandwidth_gb_s=round(bw / 1e9, 2), matmul_gflop_s=round(mm / 1e9, 1))
+    if tokens_per_s:
+        out["decode_fraction_of_bandwidth"] = round(need * tokens_per_s / bw, 3)
+    if ttft:
+        lm_flops = counted_prefill(model, inp, skip)[0]
+        out["prefill_lm_fraction_of_matmul"] = round(lm_flops / ttft / mm, 3)
+    return out
 
 
 def certificate(model, inputs, skip, gen, a) -> dict:

@@ -86,13 +86,13 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, eos_ids=None, skip=None,
              on_token: Callable[[torch.Tensor], None] | None = None,
-             image_sizes: torch.Tensor | None = None) -> Generation:
+             image_sizes: torch.Tensor | None = None, cache=None, step=decode_step) -> Generation:
     """Prefill then decode until every row emitted an EOS or `max_new_tokens` were made.
 
     input_ids (B, T) left-padded, image tokens expanded; `skip` a SkipConfig or None;
     `image_sizes` (I, 2) the images' heights and widths for LLaVA-NeXT.
-    `on_token(tokens)` receives each step's (B,) tokens as they come (streaming, timing).
-    """
+    `on_token(tokens)` receives each step's (B,) tokens as they come (streaming, timing);
+    `cache` and `step`: skipvision/fast's static cache and compiled decode step."""
     eos_ids = model.cfg.text.eos_ids if eos_ids is None else tuple(eos_ids)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
             max_new_tokens < 0):
@@ -106,7 +106,7 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
     if used + max_new_tokens > context:
         raise InputError(f"the prompt ({used} positions) plus max_new_tokens "
                          f"({max_new_tokens}) exceeds the model's context of {context}")
-    cache = KVCache(model.cfg.text.num_hidden_layers)
+    cache = KVCache(model.cfg.text.num_hidden_layers) if cache is None else cache
     logits = prefill(model, inp, cache)
     kv_bytes = {"prefill": cache.nbytes()}
     if inp.layout is not None and skip.kv == "evict":  # skip-vision hook: Skip-KV
@@ -117,18 +117,18 @@ def generate(model: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor |
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out, lengths = [], torch.zeros(B, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         tok = sample(logits, temperature, top_k, top_p, generator)
-        if step > 0:
+        if i > 0:
             tok = torch.where(done, out[-1], tok)
         out.append(tok)
         lengths += (~done).long()
         done = done | torch.isin(tok, eos)
         if on_token is not None:
             on_token(tok)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = finite(decode_step(model, tok, pos, cache), f"at decode step {step + 1}")
+        logits = finite(step(model, tok, pos, cache), f"at decode step {i + 1}")
         pos = pos + 1
     kv_bytes["final"] = cache.nbytes()
     tokens = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)

@@ -68,12 +68,9 @@ class KVCache:
         return k, v
 
     def keep(self, mask: torch.Tensor) -> None:
-        """Keep only the slots where mask (B, S) is True, in order, in every layer.
-
-        Rows may keep different counts: each row is compacted to the left and padded on the
-        right to the longest row with invisible slots (horizon NEVER). The old tensors are
-        released, so the memory is really freed (the authors' code only slices at each step).
-        """
+        """Keep only the slots where mask (B, S) is True, in order, in every layer. Rows may
+        keep different counts: each is compacted to the left and padded on the right with
+        invisible slots (horizon NEVER). The old tensors are released: the memory is freed."""
         if len(self.slots) > 1:
             raise ValueError("KVCache.keep needs one group of slots (not after in-LM pruning)")
         B, S = self.pos.shape

@@ -174,10 +174,8 @@ class Llava(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                 cache=None, skip=None, image_sizes=None) -> torch.Tensor:
-        """Logits (B, T, V) for the same inputs LlavaForConditionalGeneration takes.
-
-        With `skip`, T is the length of the arranged sequence (see seam.Layout).
-        """
+        """Logits (B, T, V) for the inputs LlavaForConditionalGeneration takes; with `skip`,
+        T is the length of the arranged sequence (see seam.Layout)."""
         inp = self.prepare(input_ids, pixel_values, attention_mask, position_ids, skip,
                            image_sizes)
         return self.logits(self.run(inp, cache))

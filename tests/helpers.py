@@ -15,7 +15,7 @@ import torch
 from hypothesis import strategies as st
 from PIL import Image
 
-from skipvision import Llava, from_hf
+from skipvision import Llava, LlavaConfig, TextConfig, VisionConfig, from_hf
 from skipvision.io.keys import is_ignored, map_key
 from skipvision import anyres
 from skipvision.kv_cache import left_pad, slots
@@ -257,3 +257,15 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = ""):
     diff = (a.double() - b.double()).abs()
     worst = diff.max().item() if diff.numel() else 0.0
     assert worst <= atol, f"{what}: max |diff| {worst:.3e} > {atol:.1e} (mean {diff.mean():.3e})"
+
+
+def tiny(layers: int, image_size: int, seed: int = 0) -> Llava:
+    """A fixed small LLaVA in float64 (weights from `seed`), (image_size / 2)^2 tokens an
+    image."""
+    cfg = LlavaConfig(vision=VisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=image_size,
+                                          patch_size=2),
+                      text=TextConfig(vocab_size=48, hidden_size=8, intermediate_size=8,
+                                      num_hidden_layers=layers, num_attention_heads=2),
+                      image_token_id=47, vision_feature_layer=1)
+    return randomize_(Llava(cfg), seed).double().eval()

@@ -5,26 +5,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_close, llava_inputs, next_inputs
+from helpers import assert_close, llava_inputs, next_inputs, tiny
 from reference import pruning as oracle
 from skipvision.errors import ConfigError, InputError
 from skipvision.generate import generate
 from skipvision.kv_cache import KVCache
 from skipvision.pruning import IN_LM, METHODS, Prune, inlm, select
-from skipvision import Llava, LlavaConfig, TextConfig, VisionConfig
 from skipvision import anyres
 from strategies import image_sizes, lengths, models, next_models
-
-
-def tiny(layers: int, image_size: int) -> Llava:
-    """A fixed small LLaVA (default init) with (image_size / 2)^2 tokens an image."""
-    cfg = LlavaConfig(vision=VisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                          num_attention_heads=2, image_size=image_size,
-                                          patch_size=2),
-                      text=TextConfig(vocab_size=48, hidden_size=8, intermediate_size=8,
-                                      num_hidden_layers=layers, num_attention_heads=2),
-                      image_token_id=47, vision_feature_layer=1)
-    return Llava(cfg).double().eval()
 
 
 @st.composite
