@@ -92,6 +92,7 @@ def measure(model, ids, mask, px, a, hf=None) -> dict:
     for r in res["prefill"].values():
         r["flop_per_s"] = flops / r["median_s"]
         r["matmul_fraction"] = r["flop_per_s"] / a.matmul
+    res["gemv_floor_s"] = gemv_floor(model, a)
     cache = KVCache(L)
     prefill(model, inp, cache)
     per_slot = cache.nbytes() // len(cache)
@@ -101,6 +102,20 @@ def measure(model, ids, mask, px, a, hf=None) -> dict:
         r["bytes_per_step"] = need
         r["bandwidth_fraction"] = need / r["median_s"] / a.bandwidth
     return res
+
+
+def gemv_floor(model, a) -> float:
+    """Median seconds of the decode step's matrix-vector products alone (every LM linear
+    layer and the LM head on one token, as the step calls them): what any implementation on
+    these kernels spends before attention, norms or Python."""
+    lin = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {m.in_features: torch.randn(1, 1, m.in_features) for m in lin}
+
+    def run(_):
+        for m in lin:
+            m(x[m.in_features])
+    times = lib.interleaved({"gemv": (lambda: None, run)}, a)
+    return lib.summary(times, "gemv")["gemv"]["median_s"]
 
 
 def smollm2(a) -> dict:
@@ -154,6 +169,11 @@ def table(res: dict, a) -> str:
         if name not in res:
             continue
         pre, dec = res[name]["prefill"], res[name]["decode"]
+        rows.append(f"| {name} | matrix-vector products alone | - | - | - | "
+                    f"{res[name]['gemv_floor_s'] * 1e3:.2f} | "
+                    f"{res[name]['gemv_floor_s'] / dec['ours']['median_s']:.3f} of ours | - | "
+                    f"{dec['ours']['bytes_per_step'] / res[name]['gemv_floor_s'] / a.bandwidth:.2f}"
+                    " |")
         for k, d in dec.items():
             p = pre.get(k)
             rows.append(f"| {name} | {k} | "
