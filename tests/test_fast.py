@@ -115,10 +115,12 @@ def test_static_cache_refuses_what_it_cannot_hold():
 def test_the_compiled_decode_step_generates_the_same_tokens():
     """torch.compile of decode_step over the static cache (one compile for every step)."""
     model, seed = tiny(layers=2, image_size=6).float(), 0
-    for skip in (None, SkipConfig(retained=3, skipped=4, kv="evict")):
+    step = fast.compiled_step()
+    for skip in (None, SkipConfig(retained=3, skipped=4, kv="evict"),
+                 SkipConfig(retained=2, skipped=3, kv="keep", mask="consistent", layers=[1]),
+                 SkipConfig(retained=4, skipped=2, summary=False, merge_order="spatial")):
         ids, mask, _, px = llava_inputs(model.cfg, seed, [3, 1], dtype=torch.float32)
         want = generate(model, ids, px, mask, max_new_tokens=6, eos_ids=(), skip=skip)
-        step = fast.compiled_step()
         got = fast.generate(model, ids, px, mask, max_new_tokens=6, eos_ids=(), skip=skip,
                             compile=True, step=step)
         assert step.failed is None, step.failed
@@ -136,3 +138,17 @@ def test_generate_cli_fast_paths_answer_the_same_and_report_the_roofline(capsys)
         assert g["answer"] == w["answer"] and g["kv_bytes"] == w["kv_bytes"]
         assert g["memory_bandwidth_gb_s"] > 0 and g["matmul_gflop_s"] > 0
         assert 0 < g["prefill_lm_fraction_of_matmul"] < 2
+
+
+@pytest.mark.slow
+def test_bench_decode_reports_every_path_against_the_floor(tmp_path):
+    from helpers import example_module
+    res = example_module("bench_decode").main(
+        ["--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-compile", "--no-smollm2",
+         "--out", str(tmp_path)])
+    dec = res["benchmark"]["decode"]
+    assert set(dec) == {"ours", "ours static", "ours static fused", "transformers"}
+    assert dec["transformers"]["ratio"] == 1.0
+    assert 0 < res["benchmark"]["gemv_floor_s"] < dec["ours"]["median_s"]
+    assert all(0 < d["bandwidth_fraction"] < 1.5 for d in dec.values())
+    assert "matrix-vector products alone" in (tmp_path / "decode.md").read_text()
