@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch._inductor.config as inductor_config
 
 from ..errors import InputError
 from ..generate import decode_step
@@ -18,9 +19,12 @@ __all__ = ["StaticKVCache", "compiled_step", "fuse", "generate"]
 
 
 class compiled_step:
-    """decode_step through torch.compile (shapes fixed by the static cache: one compile).
-    Where compiling is not possible (no working C++ compiler, an unsupported Python), it says
-    why once and decodes eagerly."""
+    """decode_step through torch.compile (shapes fixed by the static cache: one compile), with
+    Inductor's freezing: the weights become constants of the compiled step, pre-packed for the
+    CPU's matrix kernels (a compiled step belongs to one model, whose weights must not change
+    after its first call; the packed copies take memory beside the weights). Where compiling
+    is not possible (no working C++ compiler, an unsupported Python), it says why once and
+    decodes eagerly."""
 
     def __init__(self):
         self.fn, self.failed = torch.compile(decode_step, dynamic=False), None
@@ -34,7 +38,8 @@ class compiled_step:
     def __call__(self, model, tokens, pos, cache):
         if self.failed is None:
             try:
-                with warnings.catch_warnings():  # rope_inv_freq is pure: tracing it is exact
+                with warnings.catch_warnings(), inductor_config.patch(freezing=True):
+                    # rope_inv_freq is pure: tracing through its cache is exact
                     warnings.filterwarnings("ignore", ".*functools.lru_cache", UserWarning)
                     return self.fn(model, tokens, pos, cache)
             except torch._dynamo.exc.BackendCompilerFailed as e:
