@@ -73,12 +73,7 @@ class KVCache:
         invisible slots (horizon NEVER). The old tensors are released: the memory is freed."""
         if len(self.slots) > 1:
             raise ValueError("KVCache.keep needs one group of slots (not after in-LM pruning)")
-        B, S = self.pos.shape
-        n_keep = mask.sum(1)
-        width = int(n_keep.max()) if B else 0
-        # stable order: kept slots first (in their original order), then the rest
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, W)
-        filler = torch.arange(width, device=mask.device)[None] >= n_keep[:, None]  # (B, W)
+        order, filler = compaction(mask)
         self.slots[0] = (self.pos.gather(1, order),
                          self.horizon.gather(1, order).masked_fill(filler, NEVER))
         for i, (k, v) in enumerate(zip(self.k, self.v)):
@@ -90,3 +85,12 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values (all layers)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+def compaction(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots to keep (B, S) -> the (B, W) order putting each row's kept slots first, in their
+    order (W: the most any row keeps), and the (B, W) mask of the slots past a row's count."""
+    n_keep = mask.sum(1)
+    width = int(n_keep.max()) if mask.shape[0] else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, W)
+    return order, torch.arange(width, device=mask.device)[None] >= n_keep[:, None]

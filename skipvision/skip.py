@@ -141,11 +141,9 @@ def summary_pool(x: torch.Tensor, scorer: SummaryScorer | None) -> torch.Tensor:
 
 
 def merge(x: torch.Tensor, n_out: int, order: str):
-    """ToMe-like merge of candidates (I, M, C) down to (I, n_out, C).
-
-    Returns the merged tokens, the candidate index of each destination (I, n_out), and the
-    output slot each candidate joined (I, M; -1 when n_out = 0 and all are dropped).
-    """
+    """ToMe-like merge of candidates (I, M, C) down to (I, n_out, C). Returns the merged
+    tokens, the candidate index of each destination (I, n_out), and the output slot each
+    candidate joined (I, M; -1 when n_out = 0 and all are dropped)."""
     I, M, C = x.shape
     r = M - n_out
     if n_out == 0:
@@ -173,10 +171,8 @@ def merge(x: torch.Tensor, n_out: int, order: str):
 def arrange(plain, images, skip: SkipConfig, scorer: SummaryScorer | None, n_layers: int,
             position_ids=None):
     """The plain input (vlm.LMInput) and its images (vlm.ImageTokens) -> the arranged LMInput.
-
     Per image: retained rows (by the `skip.retain` policy), merged rows, summary rows, in the
-    order [retained][q1][skipped][q2], where the image's tokens were; text stays in place.
-    """
+    order [retained][q1][skipped][q2], where the image's tokens were; text stays in place."""
     flat = plain.embeds.flatten(0, 1)  # (B*T, C)
     made, segments, kinds, dests = _images(flat, plain.embeds.shape[1], images, skip, scorer,
                                            n_layers)

@@ -62,9 +62,7 @@ class CLIPAttention(nn.Module):
 
     def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, P): the attention probabilities of the CLS query (position 0), summed over heads.
-
-        Only the CLS row is computed, never the (P, P) map. Skip-Vision ranks patches by it.
-        """
+        Only the CLS row is computed, never the (P, P) map. Skip-Vision ranks patches by it."""
         q = self.heads(self.q_proj(x[:, :1]))  # (B, H, 1, D)
         k = self.heads(self.k_proj(x))  # (B, H, P, D)
         scores = (q @ k.transpose(-1, -2)).squeeze(2) * self.head_dim ** -0.5  # (B, H, P)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..kv_cache import NEVER, KVCache
+from ..kv_cache import NEVER, KVCache, compaction
 
 
 class StaticKVCache(KVCache):
@@ -73,12 +73,3 @@ class StaticKVCache(KVCache):
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
-
-
-def compaction(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask (B, S) of slots to keep -> the (B, W) order that puts each row's kept slots first
-    (W the most any row keeps) and the (B, W) filler mask of the slots past a row's count."""
-    n_keep = mask.sum(1)
-    width = int(n_keep.max()) if mask.shape[0] else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-    return order, torch.arange(width, device=mask.device)[None] >= n_keep[:, None]
