@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 import benchmark_lib as lib  # examples/, next to this file
-from benchmark_cases import build, hf_decode_case, hf_prefill, hf_twin, prompt
+from benchmark_cases import SIZES, build, hf_decode_case, hf_prefill, hf_twin, prompt
 from cli import Parser, fail, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="cpu", help="benchmark.py's model size (default: cpu)")
+    p.add_argument("--size", default="cpu", choices=[s for s in SIZES if "next" not in s],
+                   help="benchmark.py's model size (LLaVA-1.5 geometries; default: cpu)")
     p.add_argument("--text", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
     p.add_argument("--repeats", type=int, default=7)
@@ -38,9 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--no-smollm2", action="store_true", help="leave out the real weights")
     p.add_argument("--out", default=str(ROOT / "examples" / "results" / "decode"))
     a = p.parse_args(argv)
-    for flag in ("text", "new_tokens", "repeats", "threads"):
-        if getattr(a, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be >= 1")
+    p.at_least(a, text=1, new_tokens=1, repeats=1, threads=1, warmup=0)
     return a
 
 

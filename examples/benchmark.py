@@ -76,10 +76,7 @@ def parse_args(argv=None):
     bad = sorted(set(filter(None, a.skip_parts.split(","))) - set(PARTS))
     if bad:
         p.error(f"--skip-parts {bad}: choose from {', '.join(PARTS)}")
-    for flag, lo in (("layers", 1), ("threads", 1), ("text", 0), ("batch", 1),
-                     ("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
-        if getattr(a, flag) is not None and getattr(a, flag) < lo:
-            p.error(f"--{flag.replace('_', '-')} must be >= {lo}")
+    p.at_least(a, layers=1, threads=1, text=0, batch=1, new_tokens=1, repeats=1, warmup=0)
     for s in [a.preset, *a.sweep.split(",")]:
         r, _, k = s.partition("/")
         if s not in PRESETS and not (r.isdigit() and k.isdigit()):

@@ -216,9 +216,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bound.png", help="PNG path (default: bound.png)")
     a = p.parse_args(argv)
-    for flag in ("retained", "skipped", "decode", "seed"):
-        if (getattr(a, flag) or 0) < 0:
-            p.error(f"--{flag} must be >= 0")
+    p.at_least(a, retained=0, skipped=0, decode=0, seed=0)
     return a
 
 

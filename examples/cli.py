@@ -18,6 +18,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def at_least(self, a, **minimums):
+        """A usage error for the first given flag below its minimum (None: not given)."""
+        for flag, lo in minimums.items():
+            if getattr(a, flag) is not None and getattr(a, flag) < lo:
+                self.error(f"--{flag.replace('_', '-')} must be >= {lo}")
+
 
 def fail(message: str):
     """Stop the script for a user's mistake: one line, exit status 2."""

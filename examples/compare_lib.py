@@ -6,11 +6,9 @@ import sys
 from types import SimpleNamespace
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import benchmark_lib as lib  # examples/, next to this file
-from skipvision.analysis.flops import counted_prefill
+from skipvision.analysis.flops import counted_prefill, counted_prepare
 from skipvision.generate import decode_step, prefill
 from skipvision.kv_cache import KVCache
 from skipvision.pruning import Prune
@@ -33,23 +31,16 @@ def policy(method: str, budget: int, n_image: int, shipped: SkipConfig):
     return Prune(method, budget, layer=int(k or 2))
 
 
-def vision_flops(model, ids, px, mask, skip) -> int:
-    """FLOPs of `prepare`: the tower, projector and the policy's selection and merging."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as count:
-        model.prepare(ids, px, mask, skip=skip)
-    return count.get_total_flops()
-
-
 @torch.inference_mode()
 def costs(model, ids, px, mask, policies: dict, a) -> dict:
     """name -> FLOPs, KV bytes and median times (prepare; LM prefill; one decode step), all
     cases interleaved in one run; ratios are to "plain" in the same repeat."""
     L, out, cases = model.cfg.text.num_hidden_layers, {}, {}
     for name, skip in policies.items():
-        inp = model.prepare(ids, px, mask, skip=skip)
+        inp, prepare_flops = counted_prepare(model, ids, px, mask, skip=skip)
         flops, kv = counted_prefill(model, inp, skip)
         out[name] = dict(tokens=inp.embeds.shape[1], lm_prefill_flops=flops, kv_bytes=kv,
-                         prepare_flops=vision_flops(model, ids, px, mask, skip))
+                         prepare_flops=prepare_flops)
         cases[name + "|prepare"] = (lambda: None,
                                     lambda _, s=skip: model.prepare(ids, px, mask, skip=s))
         cases[name + "|prefill"] = (lambda: KVCache(L), lambda c, i=inp, s=skip: _prefill(

@@ -46,11 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--no-large", action="store_true", help="time the shipped model only")
     p.add_argument("--out", default=str(ROOT / "examples" / "results" / "compare"))
     a = p.parse_args(argv)
-    for flag in ("questions", "repeats", "decode_steps", "threads"):
-        if getattr(a, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be >= 1")
-    if a.warmup < 0 or any(b < 3 for b in a.budgets):
-        fail("--warmup must be >= 0 and every budget >= 3 (Skip-Vision: N_r + 2 summaries)")
+    p.at_least(a, questions=1, repeats=1, decode_steps=1, threads=1, warmup=0)
+    if any(b < 3 for b in a.budgets):
+        p.error("every budget must be >= 3 (Skip-Vision: N_r + 2 summaries)")
     return a
 
 

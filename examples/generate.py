@@ -24,7 +24,8 @@ from skipvision.io.hub import in_folder
 from skipvision.io.loading import load_skip_config
 from skipvision.io.processor import TEMPLATES
 from skipvision import fast
-from skipvision.analysis.flops import counted_prefill, lm_weight_params
+from skipvision.analysis.flops import counted_prefill, counted_prepare, lm_weight_params
+from skipvision.analysis.roofline import matmul_throughput, memory_bandwidth
 from skipvision.pruning import METHODS, Prune
 from skipvision.pruning import name as policy_name
 from skipvision.skip import PRESETS, SkipConfig
@@ -181,25 +182,32 @@ def main(argv=None):
         fail(f"prompt ({n_prompt} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds the "
              f"model's context of {model.cfg.text.max_position_embeddings} tokens")
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    reports = []
+    runs = []
     for skip in skips:
         if a.report == "text":
             print(f"[{policy_name(skip)}] {question}\n> ", end="")
-        r = answer(model, processor, inputs, skip, a)
-        reports.append(dict(model=a.model, image=image, question=question, load_s=round(load_s, 3),
-                            **r))
+        runs.append(answer(model, processor, inputs, skip, a))
         if a.report == "text":
             print("\n")
+    # the machine's limits, measured once after every run (its buffers stay out of their peaks)
+    bw, mm = memory_bandwidth(device, repeats=5), matmul_throughput(device, repeats=5)
+    reports = []
+    for skip, (r, work) in zip(skips, runs):
+        reports.append(dict(model=a.model, image=image, question=question, load_s=round(load_s, 3),
+                            **r, **roofline(work, bw, mm)))
+        if a.report == "text":
+            print(f"[{policy_name(skip)}]")
             for k, v in reports[-1].items():
                 if k not in ("answer", "flops", "question"):
-                    print(f"{k:>24}: {v}")
-            print(f"{'flops':>24}: {json.dumps(r['flops'], default=str)}\n")
+                    print(f"{k:>28}: {v}")
+            print(f"{'flops':>28}: {json.dumps(r['flops'], default=str)}\n")
     if a.report == "json":
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
 
 
-def answer(model, processor, inputs, skip, a) -> dict:
-    """Generate (streaming the text when a.report is text); the answer and its costs."""
+def answer(model, processor, inputs, skip, a) -> tuple[dict, dict]:
+    """Generate (streaming the text when a.report is text); the answer and its costs, and what
+    `roofline` needs (the work done, against the time it took)."""
     device = inputs["input_ids"].device
     generator = torch.Generator(device).manual_seed(a.seed)
     new, shown, arrived = [], "", []
@@ -226,10 +234,12 @@ def answer(model, processor, inputs, skip, a) -> dict:
     n_image = int((inputs["input_ids"] == model.cfg.image_token_id).sum())
     sizes = inputs.get("image_sizes")  # LLaVA-NeXT: the FLOPs depend on the image's size
     images = 1 if sizes is None else [tuple(s) for s in sizes.tolist()]
-    t = model.cfg.text  # one cached token: K and V in every layer
-    slot = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model_dtype(
-        model).itemsize
-    return dict(
+    slot = flops.kv_bytes(model.cfg, 1, 1, model_dtype(model))  # one token's K and V, all layers
+    inp, prepare_flops = counted_prepare(  # the work of the prefill, counted apart
+        model, inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
+        inputs["attention_mask"], skip=skip, image_sizes=inputs.get("image_sizes"))
+    lm_flops = counted_prefill(model, inp, skip)[0]
+    report = dict(
         device=str(device), dtype=str(model_dtype(model)).removeprefix("torch."),
         answer=processor.decode(gen.tokens[0, :n_new]),
         **({"certificate": certificate(model, inputs, skip, gen, a)} if a.certify and skip
@@ -238,8 +248,6 @@ def answer(model, processor, inputs, skip, a) -> dict:
         prefill_tokens=gen.prompt_tokens,
         time_to_first_token_s=round(arrived[0] - t0, 4) if arrived else None,
         decode_tokens_per_s=round((n_new - 1) / decode_s, 2) if decode_s else None,
-        **roofline(model, inputs, skip, gen, (n_new - 1) / decode_s if decode_s else None,
-                   arrived[0] - t0 if arrived else None, a),
         kv_bytes_prefill=kv["prefill"], kv_bytes=kv["after_eviction"],
         kv_bytes_saved=kv["prefill"] - kv["after_eviction"],
         tokens_kept_in_cache=kv["after_eviction"] // slot,
@@ -247,32 +255,24 @@ def answer(model, processor, inputs, skip, a) -> dict:
         skip=None if skip is None else vars(skip),
         flops=(flops_both_paths(model.cfg, n_prompt - n_image, images, skip, n_new,
                                 model_dtype(model)) if not isinstance(skip, Prune) else
-               counted(model, inputs, skip)))
+               {"prefill_counted": lm_flops}))  # analysis/flops.py models Skip-Vision only
+    kv_read = (kv["final"] + kv["after_eviction"]) // 2  # the cache a decode step reads, mean
+    return report, dict(
+        decode_bytes=lm_weight_params(model.cfg.text) * model_dtype(model).itemsize + kv_read,
+        tokens_per_s=(n_new - 1) / decode_s if decode_s else None,
+        prefill_flops=prepare_flops + lm_flops, ttft=arrived[0] - t0 if arrived else None)
 
 
-def counted(model, inputs, skip) -> dict:
-    """A pruner's LM prefill FLOPs, counted (analysis/flops.py models Skip-Vision only)."""
-    inp = model.prepare(inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
-                        inputs["attention_mask"], skip=skip, image_sizes=inputs.get("image_sizes"))
-    return {"prefill_counted": counted_prefill(model, inp, skip)[0]}
-
-
-def roofline(model, inputs, skip, gen, tokens_per_s, ttft, a) -> dict:
-    """Achieved decode bytes/s over the copy bandwidth, and the prefill's FLOP/s (LM and
-    tower: the time to first token) over the matrix-product throughput, both measured now."""
-    from skipvision.analysis.roofline import matmul_throughput, memory_bandwidth
-    device = inputs["input_ids"].device
-    slots = gen.kv_bytes["final"] + gen.kv_bytes["after_eviction"]  # mean over the steps, x2
-    need = lm_weight_params(model.cfg.text) * model_dtype(model).itemsize + slots // 2
-    inp = model.prepare(inputs["input_ids"], inputs["pixel_values"].to(model_dtype(model)),
-                        inputs["attention_mask"], skip=skip, image_sizes=inputs.get("image_sizes"))
-    bw, mm = memory_bandwidth(device, repeats=5), matmul_throughput(device, repeats=5)
-    out = dict(memory_bandwidth_gb_s=round(bw / 1e9, 2), matmul_gflop_s=round(mm / 1e9, 1))
-    if tokens_per_s:
-        out["decode_fraction_of_bandwidth"] = round(need * tokens_per_s / bw, 3)
-    if ttft:
-        lm_flops = counted_prefill(model, inp, skip)[0]
-        out["prefill_lm_fraction_of_matmul"] = round(lm_flops / ttft / mm, 3)
+def roofline(work: dict, bandwidth: float, matmul: float) -> dict:
+    """Achieved decode bytes/s over the copy bandwidth, and the prefill's counted FLOPs (tower
+    and LM) over the time to first token against the matrix-product throughput."""
+    out = dict(memory_bandwidth_gb_s=round(bandwidth / 1e9, 2),
+               matmul_gflop_s=round(matmul / 1e9, 1))
+    if work["tokens_per_s"]:
+        out["decode_fraction_of_bandwidth"] = round(
+            work["decode_bytes"] * work["tokens_per_s"] / bandwidth, 3)
+    if work["ttft"]:
+        out["prefill_fraction_of_matmul"] = round(work["prefill_flops"] / work["ttft"] / matmul, 3)
     return out
 
 

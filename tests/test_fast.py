@@ -137,7 +137,7 @@ def test_generate_cli_fast_paths_answer_the_same_and_report_the_roofline(capsys)
     for w, g in zip(want, got, strict=True):
         assert g["answer"] == w["answer"] and g["kv_bytes"] == w["kv_bytes"]
         assert g["memory_bandwidth_gb_s"] > 0 and g["matmul_gflop_s"] > 0
-        assert 0 < g["prefill_lm_fraction_of_matmul"] < 2
+        assert 0 < g["prefill_fraction_of_matmul"] < 2
 
 
 @pytest.mark.slow

@@ -257,6 +257,15 @@ def compare(cfg: LlavaConfig, text: int | Sequence[int] = 64, images: int | Sequ
 
 
 @torch.inference_mode()
+def counted_prepare(model, *args, **kw):
+    """(`model.prepare(*args, **kw)`, its FLOPs: the tower, the projector and the token
+    policy's selection, merging and summary tokens), counted as `counted_prefill` counts."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as count:
+        inp = model.prepare(*args, **kw)
+    return inp, count.get_total_flops()
+
+
+@torch.inference_mode()
 def counted_prefill(model, inp, skip=None) -> tuple[int, int]:
     """(FLOPs, KV bytes left for decoding) of `generate`'s prefill on a prepared input, counted
     by FlopCounterMode with SDPA's math backend (every product, any token policy: the pruners
